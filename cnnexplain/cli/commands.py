@@ -1,0 +1,3 @@
+"""Registers every working subcommand on the app (a subcommand is listed only when it works)."""
+
+from cnnexplain.cli import info  # noqa: F401

@@ -1,0 +1,1 @@
+"""Datasets: the synthetic world, Broden, torchvision datasets and image folders."""

@@ -1,0 +1,1 @@
+"""Models: backbone registry, layer access and splitting, checkpoints, class-specific gates."""

@@ -1,0 +1,137 @@
+"""Model selection, the same in every command: ``--checkpoint PATH`` or
+``--backbone NAME [--num-classes N] [--weights PATH|imagenet]``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnexplain.data.preprocessing import Preprocessing
+from cnnexplain.errors import CnnexplainError, UsageError
+from cnnexplain.fingerprint import digest_parts, state_dict_digest
+from cnnexplain.models import zoo
+from cnnexplain.models.checkpoint import load_checkpoint
+from cnnexplain.models.network import build_network
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run model and everything known about it.
+
+    ``layer``: the default target layer (a gated checkpoint's gated layer, else the backbone's
+    default); ``gate``: gate tensors of a gated checkpoint ({"W": [K, C]} or {"P": [C, K]});
+    ``fingerprint``: digest of weights, gate and architecture (cache keys use it).
+    """
+
+    model: nn.Module
+    backbone: str
+    num_classes: int
+    layer: str
+    preprocessing: Preprocessing
+    source: str
+    class_names: list[str] | None = None
+    method: str = "std"
+    insert_conv: int | None = None
+    gate: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    fingerprint: str = ""
+
+    @property
+    def spec(self) -> zoo.BackboneSpec:
+        return zoo.get_spec(self.backbone)
+
+    def describe(self) -> dict:
+        return {"backbone": self.backbone, "num_classes": self.num_classes, "layer": self.layer,
+                "method": self.method, "insert_conv": self.insert_conv, "source": self.source,
+                "fingerprint": self.fingerprint, "preprocessing": self.preprocessing.to_dict()}
+
+    def class_name(self, i: int) -> str:
+        if self.class_names and 0 <= i < len(self.class_names):
+            return self.class_names[i]
+        return str(i)
+
+
+def model_fingerprint(model: nn.Module, gate: dict | None = None, arch: dict | None = None) -> str:
+    gate = gate or {}
+    return digest_parts(state_dict_digest(model.state_dict()), state_dict_digest(gate), arch or {})
+
+
+def load_model(checkpoint: str | Path | None = None, backbone: str | None = None,
+               num_classes: int | None = None, weights: str | None = None,
+               device: torch.device | str = "cpu", layer: str | None = None,
+               default_num_classes: int = 10, class_names: list[str] | None = None,
+               preprocessing: Preprocessing | None = None) -> LoadedModel:
+    """Build and load a model as the CLI's model options describe it (eval mode, on ``device``).
+
+    - ``checkpoint``: a cnnexplain checkpoint (architecture, weights, gate, preprocessing and
+      class names come from it; ``backbone``/``num_classes`` must agree if also given).
+    - ``backbone`` + ``weights=None``: random init (seeded by the caller) with ``num_classes``
+      (default ``default_num_classes``, e.g. the dataset's class count).
+    - ``weights="imagenet"``: torchvision's ImageNet weights from the hub cache (no download).
+    - ``weights=PATH``: a plain torchvision state_dict; ``num_classes`` is read from it.
+    ``preprocessing`` (if given) overrides the recorded one.
+    """
+    if checkpoint is not None:
+        if weights is not None:
+            raise UsageError("--checkpoint and --weights cannot be used together",
+                             "pass either a cnnexplain checkpoint or --backbone with --weights")
+        ck = load_checkpoint(checkpoint)
+        meta = ck.meta
+        if backbone is not None and backbone != meta["backbone"]:
+            raise UsageError(f"--backbone {backbone} does not match the checkpoint's backbone "
+                             f"{meta['backbone']}", "leave out --backbone when using --checkpoint")
+        if num_classes is not None and int(num_classes) != int(meta["num_classes"]):
+            raise UsageError(f"--num-classes {num_classes} does not match the checkpoint's "
+                             f"{meta['num_classes']} classes", "leave out --num-classes")
+        zoo.get_spec(meta["backbone"])
+        model, ck_layer = build_network(meta["backbone"], int(meta["num_classes"]),
+                                        layer=meta.get("layer"), insert=meta.get("insert_conv"))
+        zoo.load_state_dict_into(model, ck.state_dict, meta["backbone"], f"checkpoint {checkpoint}")
+        prep = preprocessing or Preprocessing.from_dict(meta.get("preprocessing"))
+        loaded = LoadedModel(model=model, backbone=meta["backbone"],
+                             num_classes=int(meta["num_classes"]), layer=layer or ck_layer,
+                             preprocessing=prep, source=f"checkpoint:{checkpoint}",
+                             class_names=meta.get("class_names"), method=meta.get("method", "std"),
+                             insert_conv=meta.get("insert_conv"), gate=dict(ck.gate), meta=meta)
+    else:
+        if backbone is None:
+            raise UsageError("no model given", "pass --checkpoint PATH or --backbone NAME")
+        spec = zoo.get_spec(backbone)
+        if weights is None:
+            n = int(num_classes or default_num_classes)
+            model = zoo.build(backbone, num_classes=n)
+            source = "random-init"
+        elif weights == "imagenet":
+            n = int(num_classes or 1000)
+            model = zoo.build(backbone, num_classes=n, imagenet=True)
+            source = "imagenet"
+        else:
+            state = zoo.safe_load_state_dict(weights)
+            found = zoo.infer_num_classes(state, spec)
+            if found is None:
+                raise CnnexplainError(f"weights file {weights} has no {spec.classifier}.weight, "
+                                      f"so it is not a {backbone} state_dict",
+                                      "pass the --backbone the weights were saved from")
+            if num_classes is not None and int(num_classes) != found:
+                raise UsageError(f"--num-classes {num_classes} does not match the weights, which "
+                                 f"have {found} classes", f"pass --num-classes {found} or leave it out")
+            n = found
+            model = zoo.build(backbone, num_classes=n)
+            zoo.load_state_dict_into(model, state, backbone, f"weights file {weights}")
+            source = f"weights:{weights}"
+        layer = layer or spec.default_layer
+        prep = preprocessing or Preprocessing()
+        loaded = LoadedModel(model=model, backbone=backbone, num_classes=n, layer=layer,
+                             preprocessing=prep, source=source, class_names=class_names)
+    from cnnexplain.models.layers import get_module
+
+    get_module(loaded.model, loaded.layer)
+    if class_names and not loaded.class_names:
+        loaded.class_names = list(class_names)
+    loaded.model.to(device).eval()
+    loaded.fingerprint = model_fingerprint(
+        loaded.model, loaded.gate, {"backbone": loaded.backbone, "insert_conv": loaded.insert_conv})
+    return loaded

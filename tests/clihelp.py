@@ -1,0 +1,52 @@
+"""Run the real CLI in a subprocess and inspect what a user would see."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600, preexec_fn=None) -> Result:
+    e = dict(os.environ)
+    e.setdefault("PYTHONHASHSEED", "0")
+    e["COLUMNS"] = "200"
+    if env:
+        e.update(env)
+    p = subprocess.run([sys.executable, "-m", "cnnexplain", *map(str, args)], cwd=cwd, env=e,
+                       capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn)
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+def assert_one_line_error(r: Result, code: int, *words: str) -> None:
+    """Non-zero exit ``code``, exactly one line on stderr containing ``words``, no traceback."""
+    assert r.code == code, (r.code, r.out, r.err)
+    lines = [l for l in r.err.splitlines() if l.strip()]
+    assert len(lines) == 1, r.err
+    assert "Traceback" not in r.err and "Traceback" not in r.out
+    assert lines[0].startswith("error:"), lines[0]
+    low = lines[0].lower()
+    for w in words:
+        assert w.lower() in low, (w, lines[0])
+
+
+def snapshot(*dirs) -> dict:
+    """Paths, sizes and mtimes of every file under ``dirs`` (to prove nothing changed)."""
+    snap = {}
+    for d in dirs:
+        d = Path(d)
+        if d.exists():
+            for p in sorted(d.rglob("*")):
+                if p.is_file():
+                    st = p.stat()
+                    snap[str(p)] = (st.st_size, st.st_mtime_ns)
+    return snap
