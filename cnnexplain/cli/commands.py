@@ -1,3 +1,5 @@
 """Registers every working subcommand on the app (a subcommand is listed only when it works)."""
 
 from cnnexplain.cli import info  # noqa: F401
+from cnnexplain.cli import data  # noqa: F401
+from cnnexplain.cli import cache_cmd  # noqa: F401

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from rich.console import Console
+from rich.markup import escape
 
 from cnnexplain import runs
 from cnnexplain.io import to_jsonable
@@ -50,7 +51,7 @@ class Run:
     def notice(self, message: str) -> None:
         """A one-line notice on stderr (not shown with --quiet)."""
         if not self.quiet:
-            self.err.print(f"[yellow]note:[/] {message}", soft_wrap=True, highlight=False)
+            self.err.print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True, highlight=False)
 
     def print(self, *renderables) -> None:
         """Human output on stdout (suppressed under --json, where stdout is JSON only)."""

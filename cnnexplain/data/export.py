@@ -1,0 +1,192 @@
+"""Exports of the synthetic world to directories: an ImageFolder train/val tree and TCAV concept
+folders (the Broden export lives in :mod:`cnnexplain.data.broden`).
+
+Every export is staged: files are written (each atomically, :mod:`cnnexplain.io`) into a
+temporary sibling directory ``.cnnexplain-tmp-<name>-*`` which is renamed to ``out_dir`` only
+when everything, including the ``synthetic.json`` manifest, is written. A killed export leaves
+no ``out_dir`` behind (only a temporary directory that a re-run ignores), so a directory that
+exists is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from cnnexplain import __version__
+from cnnexplain.data.synthetic import (
+    CORRELATABLE, IMAGE_CATEGORIES, ONTOLOGY, SPLIT_OFFSETS, WORLD_VERSION, WorldConfig, render)
+from cnnexplain.errors import CnnexplainError, UsageError
+from cnnexplain.io import TMP_PREFIX, write_bytes, write_json
+
+Progress = Callable[[int, int], None]
+MANIFEST = "synthetic.json"
+CONCEPT_OFFSET = 3_000_000_000  # world indices of concept images (disjoint from the splits)
+RANDOM_OFFSET = 4_000_000_000  # world indices of random_<i> images
+MAX_RENDERS_PER_IMAGE = 200  # give up on a concept after this many renders per wanted image
+
+
+@contextlib.contextmanager
+def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory next to ``out_dir``; on success rename it to
+    ``out_dir`` (replacing an existing one only with ``overwrite``); on failure delete it."""
+    out = Path(out_dir)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise CnnexplainError(f"{out} already exists and is not empty",
+                              "choose another --out or pass --overwrite")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent))
+    except OSError as exc:
+        raise CnnexplainError(f"cannot create {out}: {exc.strerror or exc}",
+                              "choose a writable --out") from None
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{out.name}-", dir=out.parent))
+            os.replace(out, old / "old")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(root: Path, fmt: str, config: WorldConfig, **extra) -> None:
+    """``synthetic.json``: what produced an export (format, world config, code versions)."""
+    write_json(root / MANIFEST, {"format": fmt, "world": config.to_dict(),
+                                 "spec": config.to_spec(), "world_version": WORLD_VERSION,
+                                 "cnnexplain": __version__, **extra})
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """Encode a uint8 [H, W, 3] array as PNG."""
+    buf = _io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _digits(n: int) -> int:
+    return max(6, len(str(max(n - 1, 0))))
+
+
+def export_imagefolder(config: WorldConfig, out_dir: str | os.PathLike,
+                       splits: Sequence[str] = ("train", "val"), progress: Progress | None = None,
+                       overwrite: bool = False) -> dict:
+    """Write ``<out_dir>/<split>/<class>/<world index>.png`` for each split (train: world
+    indices [0, num_images); val/test: their :data:`SPLIT_OFFSETS` ranges, sizes from
+    ``config.split_size``). Readable back with ``imagefolder:<out_dir>``. Returns the counts
+    per split."""
+    sizes = {s: config.split_size(s) for s in splits}
+    total, done = sum(sizes.values()), 0
+    with staged_directory(out_dir, overwrite) as tmp:
+        for split, n in sizes.items():
+            for k in config.classes:
+                (tmp / split / k).mkdir(parents=True, exist_ok=True)
+            width = _digits(n)
+            for i in range(n):
+                s = render(config, SPLIT_OFFSETS[split] + i)
+                write_bytes(tmp / split / s.class_name / f"{i:0{width}d}.png", png_bytes(s.image))
+                done += 1
+                if progress:
+                    progress(done, total)
+        write_manifest(tmp, "imagefolder", config, splits=sizes)
+    return sizes
+
+
+def concept_present(sample, number: int, min_coverage: float) -> bool:
+    """Whether a concept is present in a rendered sample: a whole-image label (scene, texture)
+    equals it, or it covers at least ``min_coverage`` of the image's pixels (any layer)."""
+    cat = ONTOLOGY.category_of(number)
+    if cat in IMAGE_CATEGORIES:
+        return number in sample.image_labels[cat]
+    maps = sample.pixel[cat]
+    return float((maps == number).any(axis=0).mean()) >= min_coverage
+
+
+def export_concepts(config: WorldConfig, out_dir: str | os.PathLike, concepts: Sequence[str],
+                    n_per_concept: int = 50, n_random_sets: int = 5,
+                    n_random: int | None = None, min_coverage: float = 0.005,
+                    progress: Progress | None = None, overwrite: bool = False) -> dict:
+    """TCAV concept folders (../shared/reference/tcav.md): ``<concept>/`` holds
+    ``n_per_concept`` world images in which the concept is present (:func:`concept_present`;
+    pixel concepts must cover ``min_coverage`` of the image, default 0.5%: a star's tips cover
+    0.6-1.9%),
+    searched from world index 3e9 on; ``random_<i>/`` (i = 0 .. n_random_sets - 1) holds
+    ``n_random`` (default ``n_per_concept``) images drawn from world indices 4e9 + i * n_random
+    on, disjoint between sets. Images are PNGs named by world index. Returns counts per folder.
+    """
+    if not concepts:
+        raise UsageError("no concepts to export", "pass e.g. --concepts striped,red-c,star-tip")
+    if n_per_concept < 1 or n_random_sets < 0:
+        raise UsageError("--n-per-concept must be >= 1 and --random-sets >= 0",
+                         "pass e.g. --n-per-concept 50 --random-sets 5")
+    numbers = {c: ONTOLOGY.number(c) for c in concepts}
+    n_random = n_per_concept if n_random is None else int(n_random)
+    total = n_per_concept * len(numbers) + n_random * n_random_sets
+    found: dict[str, list[int]] = {c: [] for c in numbers}
+    counts: dict[str, int] = {}
+    with staged_directory(out_dir, overwrite) as tmp:
+        for c in numbers:
+            (tmp / c).mkdir()
+        budget = MAX_RENDERS_PER_IMAGE * n_per_concept
+        for k in range(budget):
+            wanted = [c for c, idx in found.items() if len(idx) < n_per_concept]
+            if not wanted:
+                break
+            s = render(config, CONCEPT_OFFSET + k)
+            for c in wanted:
+                if concept_present(s, numbers[c], min_coverage):
+                    found[c].append(k)
+                    write_bytes(tmp / c / f"{CONCEPT_OFFSET + k}.png", png_bytes(s.image))
+                    if progress:
+                        progress(sum(map(len, found.values())), total)
+        short = {c: len(v) for c, v in found.items() if len(v) < n_per_concept}
+        if short:
+            c, got = next(iter(short.items()))
+            plant = (f", or plant it with a correlation (correlate={c}@CLASS=0.9)"
+                     if ONTOLOGY.category_of(numbers[c]) in CORRELATABLE else "")
+            raise CnnexplainError(
+                f"concept {c!r} is present (coverage >= {min_coverage:g}) in only {got} of "
+                f"{budget} rendered images", f"lower --n-per-concept or --min-coverage{plant}")
+        counts.update({c: len(v) for c, v in found.items()})
+        done = sum(counts.values())
+        for r in range(n_random_sets):
+            folder = tmp / f"random_{r}"
+            folder.mkdir()
+            for j in range(n_random):
+                idx = RANDOM_OFFSET + r * n_random + j
+                write_bytes(folder / f"{idx}.png", png_bytes(render(config, idx).image))
+                done += 1
+                if progress:
+                    progress(done, total)
+            counts[f"random_{r}"] = n_random
+        write_manifest(tmp, "concepts", config, folders=counts, min_coverage=min_coverage)
+    return counts
+
+
+def _export_broden(config: WorldConfig, out_dir, progress: Progress | None = None,
+                   overwrite: bool = False, **_):
+    # imported here: cnnexplain.data.broden imports this module for staged_directory
+    from cnnexplain.data.broden import export_broden
+
+    return export_broden(config, out_dir, progress=progress, overwrite=overwrite)
+
+
+# `cnnexplain data synth --format NAME`: every exporter takes (config, out_dir, progress=,
+# overwrite=, **format options).
+EXPORT_FORMATS: dict[str, Callable] = {
+    "broden": _export_broden,
+    "imagefolder": export_imagefolder,
+    "concepts": export_concepts,
+}
