@@ -6,15 +6,14 @@ import os
 import random
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-
 from cnnexplain.errors import UsageError
 
 
-def resolve_device(spec: str = "auto") -> torch.device:
+def resolve_device(spec: str = "auto"):
     """``auto`` -> ``cuda`` when available else ``cpu``; ``cpu``; ``cuda``; ``cuda:N``.
     Under torchrun with CUDA, ``auto``/``cuda`` pick the rank's LOCAL_RANK device."""
+    import torch
+
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
@@ -41,6 +40,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices): same seed, same numbers on CPU."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -63,7 +65,7 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: torch.device) -> Dist:
+def init_distributed(device) -> Dist:
     """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); no-op otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

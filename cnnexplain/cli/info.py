@@ -6,20 +6,19 @@ import json
 import sys
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from cnnexplain.cli.main import app
 from cnnexplain.cli import options as O
-from cnnexplain.models import zoo
-from cnnexplain.models.layers import get_module
 
 
 @app.command("backbones")
 def backbones(json_output: O.Json = False):
     """List the backbones, their default target layer and the ImageNet weights file each expects."""
+    from cnnexplain.models import zoo
+
     rows = []
     for spec in zoo.BACKBONES.values():
         rows.append({"backbone": spec.name, "default_layer": spec.default_layer,
@@ -46,6 +45,9 @@ def layers(backbone: Annotated[str, typer.Option("--backbone", help="Backbone na
                "--insert-conv", min=1, help="Show the model with an inserted N-filter conv.")] = None,
            json_output: O.Json = False):
     """List a backbone's layers (dotted names for --layer) with their output shapes."""
+    import torch
+
+    from cnnexplain.models import zoo
     from cnnexplain.models.network import build_network
 
     spec = zoo.get_spec(backbone)
