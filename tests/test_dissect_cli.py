@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from clihelp import assert_one_line_error, run_cli, snapshot
+from clihelp import assert_one_line_error, run_cli, run_inproc, snapshot
 from data_fixtures import _one_thread, broden_export, copy_tree  # noqa: F401  (fixtures)
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -39,7 +39,7 @@ def lite_columns(categories):
 def test_dissect_two_layers_with_limit_and_categories(broden_export, tmp_path):
     _, root = broden_export
     out = tmp_path / "run"
-    r = run_cli("dissect", "--backbone", "smallcnn", "--broden", root, "--layer",
+    r = run_inproc("dissect", "--backbone", "smallcnn", "--broden", root, "--layer",
                 "features.3,features", "--limit", "16", "--categories", "object,part,scene",
                 "--quantile", "0.05", "--top-images", "3", "--batch-size", "5", "--out", out,
                 "--json", env={"CNNEXPLAIN_CACHE": str(tmp_path / "cache"), **ONE_THREAD})
@@ -106,19 +106,19 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(broden_export, tmp_path,
     out = tmp_path / "out"
     cache = tmp_path / "cache"
     before = snapshot(tmp_path)
-    r = run_cli("dissect", "--backbone", "smallcnn", "--broden", root, "--out", out, *args,
+    r = run_inproc("dissect", "--backbone", "smallcnn", "--broden", root, "--out", out, *args,
                 env={"CNNEXPLAIN_CACHE": str(cache), **ONE_THREAD})
     assert_one_line_error(r, code, word)
     assert snapshot(tmp_path) == before and not out.exists()
 
 
 def test_missing_dataset_options(tmp_path):
-    r = run_cli("dissect", "--backbone", "smallcnn", "--out", tmp_path / "o")
+    r = run_inproc("dissect", "--backbone", "smallcnn", "--out", tmp_path / "o")
     assert_one_line_error(r, 2, "--broden")
-    r = run_cli("dissect", "--backbone", "smallcnn", "--dataset", "cifar10:x",
+    r = run_inproc("dissect", "--backbone", "smallcnn", "--dataset", "cifar10:x",
                 "--out", tmp_path / "o")
     assert_one_line_error(r, 2, "broden")
-    r = run_cli("dissect", "--backbone", "smallcnn", "--broden", tmp_path / "absent",
+    r = run_inproc("dissect", "--backbone", "smallcnn", "--broden", tmp_path / "absent",
                 "--out", tmp_path / "o")
     assert_one_line_error(r, 1, "not found")
     assert not (tmp_path / "o").exists()
@@ -138,7 +138,7 @@ def test_html_escapes_every_text_from_data(broden_export, tmp_path):
         w.writerow(head.split(","))
         w.writerows(rows)
     out = tmp_path / "run"
-    r = run_cli("dissect", "--backbone", "smallcnn", "--broden", data, "--limit", "8",
+    r = run_inproc("dissect", "--backbone", "smallcnn", "--broden", data, "--limit", "8",
                 "--quantile", "0.1", "--top-images", "1", "--out", out, "-q", "--no-cache",
                 env=ONE_THREAD)
     assert r.code == 0, r.err
@@ -167,7 +167,7 @@ def test_gated_checkpoint_gets_a_cluster_table(broden_export, tmp_path):
               "gate": {"kind": "cdcnn-r1p2", "layer": layer, "threshold": 0.5}},
         state_dict=model.state_dict(), gate={"W": w}))
     out = tmp_path / "run"
-    r = run_cli("dissect", "--checkpoint", ck, "--broden", root, "--limit", "12",
+    r = run_inproc("dissect", "--checkpoint", ck, "--broden", root, "--limit", "12",
                 "--quantile", "0.05", "--top-images", "0", "--out", out, "--json", "--no-cache",
                 env=ONE_THREAD)
     assert r.code == 0, r.err
