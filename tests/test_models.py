@@ -183,3 +183,18 @@ def test_fingerprint_tracks_weights():
     torch.manual_seed(1)
     c = load_model(backbone="smallcnn", num_classes=3)
     assert a.fingerprint == b.fingerprint != c.fingerprint
+
+
+def test_record_is_not_changed_by_a_following_inplace_op():
+    from cnnexplain.models.smallcnn import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=3).eval()
+    x = torch.randn(2, 3, 16, 16)
+    bn = model.features[1]  # followed by ReLU(inplace=True)
+    with torch.no_grad():
+        expected = bn(model.features[0](x))
+        with record(model, ["features.1"]) as acts:
+            model(x)
+    assert expected.min() < 0
+    assert torch.equal(acts["features.1"], expected)

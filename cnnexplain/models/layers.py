@@ -49,7 +49,9 @@ def parse_layers(text: str | Sequence[str] | None) -> list[str]:
 def record(model: nn.Module, layers: Sequence[str], detach: bool = True) -> Iterator[dict]:
     """Record the outputs of ``layers`` while the block runs: ``with record(m, ["layer4"]) as
     acts: m(x)`` leaves ``acts["layer4"]`` = the layer's output of the last forward pass.
-    Hooks are always removed, also on error."""
+    With ``detach`` the output is copied, so an in-place operation that follows the layer (an
+    ``nn.ReLU(inplace=True)`` after a BatchNorm, ResNet's ``out += identity``) cannot change
+    what was recorded. Hooks are always removed, also on error."""
     store: dict[str, torch.Tensor] = {}
     handles = []
     try:
@@ -59,7 +61,7 @@ def record(model: nn.Module, layers: Sequence[str], detach: bool = True) -> Iter
             def hook(_m, _inp, out, _name=name):
                 if isinstance(out, (tuple, list)):
                     out = out[0]
-                store[_name] = out.detach() if detach else out
+                store[_name] = out.detach().clone() if detach else out
 
             handles.append(module.register_forward_hook(hook))
         yield store
