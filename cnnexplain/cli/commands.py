@@ -4,3 +4,4 @@ from cnnexplain.cli import info  # noqa: F401
 from cnnexplain.cli import data  # noqa: F401
 from cnnexplain.cli import cache_cmd  # noqa: F401
 from cnnexplain.cli import dissect  # noqa: F401
+from cnnexplain.cli import tcav  # noqa: F401
