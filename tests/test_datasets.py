@@ -31,6 +31,7 @@ from cnnexplain.data.datasets import (
 )
 from cnnexplain.data.export import (
     EXPORT_FORMATS,
+    class_quotas,
     concept_present,
     export_concepts,
     export_imagefolder,
@@ -336,8 +337,9 @@ def test_export_imagefolder_reads_back(tmp_path):
 def test_export_concepts_and_read_them(tmp_path):
     cfg = WorldConfig(num_images=10, resolution=32)
     out = tmp_path / "concepts"
-    counts = export_concepts(
-        cfg, out, ["striped", "red-c", "star-tip"], n_per_concept=3, n_random_sets=2
+    counts = export_concepts(  # star-tip occurs on stars only: no class balance possible
+        cfg, out, ["striped", "red-c", "star-tip"], n_per_concept=3, n_random_sets=2,
+        balance_classes=False,
     )
     assert counts == {"striped": 3, "red-c": 3, "star-tip": 3, "random_0": 3, "random_1": 3}
     found = list_concept_folders(out)
@@ -361,6 +363,46 @@ def test_export_concepts_and_read_them(tmp_path):
         concept_images(out, "stripe")
     with pytest.raises(CnnexplainError, match="only 0 of"):
         export_concepts(cfg, tmp_path / "never", ["hexagon"], n_per_concept=1)
+    assert not (tmp_path / "never").exists()
+
+
+def test_export_concepts_balances_classes_like_the_random_folders(tmp_path):
+    """Concept folders get the random folders' class mix (else a red-c folder from a world
+    where 95% of the stars are red is mostly stars, and its CAV points at the class too), in
+    world order, with every prefix of the folder balanced as well."""
+    import json
+
+    cfg = WorldConfig(num_images=10, resolution=32, classes=("star", "circle", "square"),
+                      correlations=(("red-c", "star", 0.95),))
+    assert class_quotas(10, 3) == [4, 3, 3] and class_quotas(9, 3) == [3, 3, 3]
+    counts = export_concepts(cfg, tmp_path / "bal", ["red-c", "stone"], n_per_concept=12,
+                             n_random_sets=2)
+    assert counts == {"red-c": 12, "stone": 12, "random_0": 12, "random_1": 12}
+    manifest = json.loads((tmp_path / "bal" / "synthetic.json").read_text())
+    assert manifest["balance_classes"] is True
+    for folder in counts:
+        assert manifest["class_counts"][folder] == {"star": 4, "circle": 4, "square": 4}
+    for name in ("red-c", "stone"):
+        files = concept_images(tmp_path / "bal", name).files  # sorted: world order
+        indices = [int(f.stem) for f in files]
+        assert indices == sorted(indices)
+        got = [0, 0, 0]
+        for index in indices:
+            sample = render(cfg, index)
+            assert concept_present(sample, ONTOLOGY.number(name), 0.005)
+            got[sample.label] += 1
+            assert max(got) - min(got) <= 1  # every prefix is balanced too
+        assert got == [4, 4, 4]
+    # without balancing the correlated colour's folder is mostly stars
+    export_concepts(cfg, tmp_path / "raw", ["red-c"], n_per_concept=12, n_random_sets=1,
+                    balance_classes=False)
+    raw = concept_images(tmp_path / "raw", "red-c").files
+    labels = [render(cfg, int(f.stem)).label for f in raw]
+    assert labels.count(0) >= 8
+    assert json.loads((tmp_path / "raw" / "synthetic.json").read_text())["balance_classes"] is False
+    # a concept some class never carries cannot be balanced: one line naming the class, no folder
+    with pytest.raises(CnnexplainError, match=r"star-tip.*class 'circle'.*--no-balance-classes"):
+        export_concepts(cfg, tmp_path / "never", ["star-tip"], n_per_concept=3, n_random_sets=1)
     assert not (tmp_path / "never").exists()
 
 

@@ -1,7 +1,8 @@
-"""TCAV building blocks: directional derivatives against autograd, the CAV solver against
-scikit-learn's exact optima and its sign convention, the scores, the t-test and Bonferroni
-against scipy, reproducibility and caching of the pipeline, Broden concept sets, and the CLI's
-one-line errors. (The known answer on a trained model is in test_tcav_known_answer.py.)"""
+"""TCAV building blocks: directional derivatives against autograd (also at a layer followed by an
+in-place op), the CAV solver against scikit-learn's exact optima, its sign convention,
+subsampling and held-out table, the scores, the significance tests against scipy, reproducibility
+and caching of the pipeline, Broden concept sets, and the CLI's one-line errors. (The known answer
+and the calibration on a trained model are in test_tcav_known_answer.py.)"""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ from cnnexplain.data.synthetic import SyntheticDataset, WorldConfig
 from cnnexplain.errors import CnnexplainError, UsageError
 from cnnexplain.explain import tcav as T
 from cnnexplain.fingerprint import module_digest
-from cnnexplain.metrics.stats import bonferroni, ttest_ind
+from cnnexplain.metrics.stats import (
+    bonferroni, fisher_exact_greater, probit_count_step, probit_sign_counts, subsample_ttest,
+    twice_median)
 from cnnexplain.models.layers import split_at
 from cnnexplain.models.smallcnn import SmallCNN
 
@@ -80,6 +83,46 @@ def test_directional_derivative_matches_autograd(make, layer):
         np.testing.assert_allclose(s[i], float(dt), rtol=1e-4, atol=1e-6)
     # and the tail really is the model after the layer
     torch.testing.assert_close(split.tail(a, *extras), model(x))
+
+
+def test_a_layer_followed_by_an_in_place_op_is_measured_before_it():
+    """features.9 is a BatchNorm followed by ReLU(inplace=True): the recorded (cached)
+    activations must be the BatchNorm's output, not the ReLU's, and the gradients those of the
+    model with respect to that output."""
+    from cnnexplain.activations import compute_activations
+
+    model = tiny_model()
+    torch.manual_seed(3)
+    images = torch.rand(6, 3, 16, 16)
+    layer = "features.9"
+    split = T.check_layers(model, [layer])[layer]
+    a, *extras = split.body(PREP.normalize(images))
+    assert not extras and bool((a < 0).any())  # the BN output has negatives: not yet ReLU'd
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return {"image": images[i], "label": torch.tensor(0), "index": torch.tensor(i)}
+
+        def fingerprint(self):
+            return "six-random-images"
+
+    acts = compute_activations(model, [layer], Images(), model_fingerprint="m",
+                               preprocessing=PREP, cache=Cache(enabled=False)).array(layer)
+    np.testing.assert_allclose(acts, a.detach().numpy(), rtol=1e-6, atol=1e-6)
+    # reference gradient: the full model, with the BN output swapped for a leaf by a hook
+    leaf = a.detach().clone().requires_grad_(True)
+    handle = model.features[9].register_forward_hook(lambda m, i, o: leaf.clone())
+    try:
+        logits = model(PREP.normalize(images))
+    finally:
+        handle.remove()
+    (want,) = torch.autograd.grad(logits[:, 1].sum(), leaf)
+    grads = T.logit_gradients(split.tail, a, extras, class_index=1, batch_size=4)
+    np.testing.assert_allclose(grads.numpy(), want.reshape(6, -1).numpy(), rtol=1e-5, atol=1e-7)
+    assert torch.equal(split.body(PREP.normalize(images))[0], a)  # the tail changed nothing
 
 
 def test_sign_count_and_magnitude_definitions():
@@ -165,33 +208,46 @@ def test_cav_points_toward_the_concept(loss):
         (neg @ cav.vector).mean() + cav.intercept)
 
 
-def _train_rows(pos, neg, seed, config=T.CAVConfig()):
-    """The training rows train_cav uses (same equal truncation and seeded split)."""
-    m = min(len(pos), len(neg))
-    ss = np.random.SeedSequence(seed).spawn(2)
+def _train_rows(pos, neg, seed, config=T.CAVConfig(), subsample=1.0):
+    """(x, y, positive rows, negative rows) of the rows train_cav trains on: the same seeded
+    subsample, equal truncation and stratified split, re-derived independently."""
+    ss = np.random.SeedSequence(seed).spawn(3)
+    if subsample < 1:
+        m = min(T.subsample_size(len(pos), subsample), len(neg))
+        rows = np.sort(np.random.default_rng(ss[2]).choice(len(pos), size=m, replace=False))
+    else:
+        m = min(len(pos), len(neg))
+        rows = np.arange(m)
     tr_p, _ = T.stratified_split(m, config.test_fraction, int(ss[0].generate_state(1)[0]))
     tr_n, _ = T.stratified_split(m, config.test_fraction, int(ss[1].generate_state(1)[0]))
-    x = np.concatenate([pos[:m][tr_p], neg[:m][tr_n]]).astype(np.float64)
+    x = np.concatenate([pos[rows[tr_p]], neg[tr_n]]).astype(np.float64)
     y = np.r_[np.ones(len(tr_p)), -np.ones(len(tr_n))]
-    return x, y
+    return x, y, rows[tr_p], tr_n
 
 
-def test_hinge_cav_is_the_exact_optimum_of_the_svm_objective():
-    """alpha/2 |w|^2 + mean hinge == LinearSVC with C = 1 / (n alpha) (sklearn as the oracle;
-    its intercept is a constant feature too, so it is given the same scale s)."""
+def _svm_optimum(x, y, alpha):
+    """The exact optimum of alpha/2 |w|^2 + mean hinge: LinearSVC with C = 1 / (n alpha) (its
+    intercept is a constant feature too, so it is given the same scale s). Unit w, b / |w|."""
     from sklearn.svm import LinearSVC
 
+    s = float(np.sqrt((x ** 2).sum(1).mean()))
+    svc = LinearSVC(C=1.0 / (len(y) * alpha), loss="hinge", dual=True, tol=1e-10,
+                    max_iter=1_000_000, intercept_scaling=s).fit(x, y)
+    norm = np.linalg.norm(svc.coef_[0])
+    return svc.coef_[0] / norm, svc.intercept_[0] / norm
+
+
+@pytest.mark.parametrize("subsample", [1.0, 0.5])
+def test_hinge_cav_is_the_exact_optimum_of_the_svm_objective(subsample):
+    """sklearn as the oracle, on the rows train_cav should train on: with subsample 0.5 this
+    also checks that the subsample is the seeded draw it claims to be."""
     pos, neg, _ = blobs(n=50, d=30, shift=0.6, seed=3)  # overlapping: margin errors exist
     config = T.CAVConfig(tol=1e-7, max_iter=100000)
-    cav = T.train_cav(pos, neg, config, seed=5)
-    x, y = _train_rows(pos, neg, 5, config)
-    s = float(np.sqrt((x ** 2).sum(1).mean()))
-    svc = LinearSVC(C=1.0 / (len(y) * config.alpha), loss="hinge", dual=True, tol=1e-10,
-                    max_iter=1_000_000, intercept_scaling=s).fit(x, y)
-    w = svc.coef_[0] / np.linalg.norm(svc.coef_[0])
+    cav = T.train_cav(pos, neg, config, seed=5, subsample=subsample)
+    x, y, _, _ = _train_rows(pos, neg, 5, config, subsample)
+    w, b = _svm_optimum(x, y, config.alpha)
     assert float(w @ cav.vector) > 0.9999
-    assert cav.intercept == pytest.approx(svc.intercept_[0] / np.linalg.norm(svc.coef_[0]),
-                                          abs=2e-3)
+    assert cav.intercept == pytest.approx(b, abs=2e-3)
 
 
 def test_logistic_cav_is_the_exact_optimum():
@@ -200,10 +256,23 @@ def test_logistic_cav_is_the_exact_optimum():
     pos, neg, _ = blobs(n=50, d=30, shift=0.6, seed=4)
     config = T.CAVConfig(loss="logistic", tol=1e-8, max_iter=5000)
     cav = T.train_cav(pos, neg, config, seed=2)
-    x, y = _train_rows(pos, neg, 2, config)
+    x, y, _, _ = _train_rows(pos, neg, 2, config)
     lr = LogisticRegression(C=1.0 / (len(y) * config.alpha), tol=1e-10, max_iter=100000).fit(x, y)
     w = lr.coef_[0] / np.linalg.norm(lr.coef_[0])
     assert float(w @ cav.vector) > 0.9999
+
+
+@pytest.mark.parametrize("solver", sorted(T.SOLVERS))
+def test_solvers_are_symmetric_in_the_labels(solver):
+    """Swapping the two sets negates w and b: the reason a random direction's expected sign
+    count is 1/2 (the score test's known centre)."""
+    pos, neg, _ = blobs(n=20, d=12, shift=0.4, seed=7)
+    x = torch.from_numpy(np.concatenate([pos, neg]).astype(np.float64))
+    y = torch.cat([torch.ones(20), -torch.ones(20)]).double()
+    w, b, _, _ = T.SOLVERS[solver](x, y, 0.01, 5000, 1e-10)
+    w2, b2, _, _ = T.SOLVERS[solver](x, -y, 0.01, 5000, 1e-10)
+    torch.testing.assert_close(w2, -w, rtol=1e-6, atol=1e-8)
+    assert b2 == pytest.approx(-b, rel=1e-6, abs=1e-8)
 
 
 def test_cav_split_is_stratified_seeded_and_truncated():
@@ -214,13 +283,51 @@ def test_cav_split_is_stratified_seeded_and_truncated():
     assert not np.array_equal(te, T.stratified_split(30, 0.33, seed=2)[1])
     pos, neg, _ = blobs(n=40)
     cav = T.train_cav(pos, neg[:25], seed=0)  # equal-size truncation to 25 per side
-    assert cav.n_train + cav.n_test == 25 and cav.n_test == 8
+    assert (cav.n_train, cav.pool) == (17, 25)
+    # held out: the 8 split-off of each side, and the 15 positives the truncation left out
+    assert (cav.test_tp + cav.test_fn, cav.test_tn + cav.test_fp) == (40 - 17, 25 - 17)
     with pytest.raises(CnnexplainError, match="at least 2 images"):
         T.train_cav(pos[:1], neg, seed=0)
     with pytest.raises(CnnexplainError, match="no direction"):
         T.train_cav(np.ones((6, 4)), np.ones((6, 4)), seed=0)
     with pytest.raises(UsageError, match="--cav-loss"):
         T.train_cav(pos, neg, T.CAVConfig(loss="svm"))
+    with pytest.raises(UsageError, match="--concept-subsample"):
+        T.train_cav(pos, neg, subsample=0.0)
+    with pytest.raises(CnnexplainError, match="too small"):
+        T.train_cav(pos[:2], neg, subsample=0.5)
+
+
+def test_subsampled_cav_held_out_table():
+    """A subsampled CAV draws another share of the positives for each seed; its held-out table
+    covers every image it was not trained on, and its accuracy is the balanced one."""
+    pos, neg, direction = blobs(n=60, d=20, shift=0.35, seed=11)
+    neg = neg[:50]
+    cavs = {seed: T.train_cav(pos, neg, seed=seed, subsample=0.5) for seed in (1, 2)}
+    rows = {seed: _train_rows(pos, neg, seed, subsample=0.5)[2] for seed in (1, 2)}
+    assert not np.array_equal(rows[1], rows[2])
+    for seed, cav in cavs.items():
+        _, _, train_p, train_n = _train_rows(pos, neg, seed, subsample=0.5)
+        assert cav.pool == 60 and cav.n_train == len(train_p) == 30 - 10
+        assert cav.train_share == pytest.approx(20 / 60)
+        held_p = np.setdiff1d(np.arange(60), train_p)
+        held_n = np.setdiff1d(np.arange(50), train_n)
+        v = cav.vector.astype(np.float64)
+        tp = int((pos[held_p] @ v + cav.intercept > 0).sum())
+        fp = int((neg[held_n] @ v + cav.intercept > 0).sum())
+        assert (cav.test_tp, cav.test_fn) == (tp, len(held_p) - tp)
+        assert (cav.test_tn, cav.test_fp) == (len(held_n) - fp, fp)
+        assert cav.accuracy == pytest.approx((tp / len(held_p) + 1 - fp / len(held_n)) / 2)
+        assert 0.5 < cav.accuracy < 1.0  # overlapping blobs: informative, not perfect
+    # further random images count as held-out negatives only: same CAV, bigger table
+    more = neg[:30] - 0.2
+    extra = T.train_cav(pos, neg, seed=1, subsample=0.5, extra_negatives=[more, more[:0]])
+    np.testing.assert_array_equal(extra.vector, cavs[1].vector)
+    v = extra.vector.astype(np.float64)
+    fp_more = int((more @ v + extra.intercept > 0).sum())
+    assert (extra.test_tp, extra.test_fn) == (cavs[1].test_tp, cavs[1].test_fn)
+    assert extra.test_fp == cavs[1].test_fp + fp_more
+    assert extra.test_tn + extra.test_fp == cavs[1].test_tn + cavs[1].test_fp + 30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,31 +335,93 @@ def test_cav_split_is_stratified_seeded_and_truncated():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("equal_var", [True, False])
-@pytest.mark.parametrize("seed", range(5))
-def test_ttest_matches_scipy(equal_var, seed):
+@pytest.mark.parametrize("seed", range(4))
+def test_subsample_ttest_against_scipy(seed):
     rng = np.random.default_rng(seed)
-    a = rng.uniform(0, 1, size=rng.integers(2, 12))
-    b = rng.uniform(0, 1, size=rng.integers(2, 12)) + 0.2 * seed
-    ours = ttest_ind(a, b, equal_var=equal_var)
-    ref = scipy_stats.ttest_ind(a, b, equal_var=equal_var)
-    assert ours.statistic == pytest.approx(float(ref.statistic), rel=1e-10)
-    assert ours.pvalue == pytest.approx(float(ref.pvalue), rel=1e-9, abs=1e-300)
-    assert ours.df == pytest.approx(float(ref.df), rel=1e-10)
+    x = rng.normal(0.3 * seed, 1.0, size=int(rng.integers(2, 15)))
+    n = len(x)
+    ref = scipy_stats.ttest_1samp(x, 0.1)
+    # a vanishing share: the plain one-sample t-test
+    plain = subsample_ttest(x, 1e-15, center=0.1)
+    assert plain.statistic == pytest.approx(float(ref.statistic), rel=1e-9)
+    assert plain.pvalue == pytest.approx(float(ref.pvalue), rel=1e-9)
+    assert plain.df == n - 1
+    # share f: the variance grows by (f / (1 - f) + 1/n) / (1/n)
+    for f in (0.5, 0.675):
+        ours = subsample_ttest(x, f, center=0.1)
+        expected_t = float(ref.statistic) / np.sqrt(n * f / (1 - f) + 1)
+        assert ours.statistic == pytest.approx(expected_t, rel=1e-9)
+        assert ours.pvalue == pytest.approx(2 * scipy_stats.t.sf(abs(expected_t), n - 1),
+                                            rel=1e-9)
+        assert ours.pvalue > plain.pvalue or plain.pvalue == 1.0
 
 
-@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")
-def test_ttest_edge_cases():
-    ref = scipy_stats.ttest_ind([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
-    ours = ttest_ind([1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
-    assert ours.statistic == ref.statistic == np.inf and ours.pvalue == ref.pvalue == 0.0
-    assert ttest_ind([0.0, 0.0], [1.0, 1.0]).statistic == -np.inf
-    tied = ttest_ind([0.5, 0.5, 0.5], [0.5, 0.5])
-    assert np.isnan(tied.statistic) and tied.pvalue == 1.0  # scipy: nan; here: no evidence
-    assert ttest_ind([1.0, 1.0, 1.0], [0.0, 0.5, 1.0]).pvalue == pytest.approx(
-        float(scipy_stats.ttest_ind([1.0, 1.0, 1.0], [0.0, 0.5, 1.0]).pvalue))
+def test_subsample_ttest_edge_cases():
+    assert subsample_ttest([1.0, 1.0, 1.0], 0.5).statistic == np.inf
+    assert subsample_ttest([1.0, 1.0, 1.0], 0.5).pvalue == 0.0
+    assert subsample_ttest([-2.0, -2.0], 0.5).statistic == -np.inf
+    tied = subsample_ttest([0.5, 0.5, 0.5], 0.5, center=0.5)
+    assert np.isnan(tied.statistic) and tied.pvalue == 1.0
+    # the floor: runs that agree exactly still have the variance of one count's rounding
+    floored = subsample_ttest([1.0, 1.0, 1.0], 0.5, min_variance=0.09)
+    assert floored.statistic == pytest.approx(1.0 / np.sqrt(0.09 * (1 + 1 / 3)))
+    assert subsample_ttest([0.0, 2.0], 0.5, min_variance=0.09).statistic == pytest.approx(
+        subsample_ttest([0.0, 2.0], 0.5).statistic)  # above the floor: unchanged
     with pytest.raises(UsageError, match="--random-runs"):
-        ttest_ind([1.0], [0.0, 1.0])
+        subsample_ttest([1.0], 0.5)
+    with pytest.raises(UsageError, match="--concept-subsample"):
+        subsample_ttest([1.0, 2.0], 1.0)
+
+
+def test_probit_sign_counts():
+    z = probit_sign_counts([0, 3, 5, 7, 10], 10)
+    np.testing.assert_allclose(z, scipy_stats.norm.ppf(np.array([0.5, 3.5, 5.5, 7.5, 10.5]) / 11))
+    np.testing.assert_allclose(z, -z[::-1])  # odd: k -> n - k gives -z, so 0 is the null
+    assert z[2] == pytest.approx(0.0) and np.isfinite(z).all()
+    assert probit_count_step(10, 10) == pytest.approx(z[4] - probit_sign_counts([9], 10)[0])
+    assert probit_count_step(0.2, 10) == pytest.approx(probit_sign_counts([1], 10)[0] - z[0])
+    with pytest.raises(ValueError):
+        probit_sign_counts([11], 10)
+
+
+@pytest.mark.parametrize("table", [(5, 1, 4, 2), (0, 6, 6, 0), (3, 3, 3, 3), (7, 0, 0, 2),
+                                   (12, 14, 20, 6), (0, 0, 3, 1)])
+def test_fisher_exact_matches_scipy(table):
+    tp, fn, tn, fp = table
+    ref = scipy_stats.fisher_exact([[tp, fn], [fp, tn]], alternative="greater")[1]
+    assert fisher_exact_greater(tp, fn, tn, fp) == pytest.approx(float(ref), rel=1e-12)
+
+
+def test_fisher_exact_is_valid_for_a_biased_classifier():
+    """Under its null (labels exchangeable given the predictions) a classifier that calls 90%
+    of everything positive must not look better than chance: p-values stay uniform-or-larger
+    even with unequal sides. (A binomial test of the accuracy against 1/2 would not be.)"""
+    rng = np.random.default_rng(0)
+    ps, accs = [], []
+    for _ in range(2000):
+        pred_p, pred_n = rng.random(30) < 0.9, rng.random(10) < 0.9
+        tp, fp = int(pred_p.sum()), int(pred_n.sum())
+        ps.append(fisher_exact_greater(tp, 30 - tp, 10 - fp, fp))
+        accs.append((tp + 10 - fp) / 40)
+    ps = np.asarray(ps)
+    assert (ps < 0.05).mean() <= 0.05 and (ps < 0.2).mean() <= 0.2
+    assert np.mean(accs) > 0.65  # the plain accuracy of such a classifier is well above 1/2
+
+
+def test_twice_median_is_valid_under_dependence():
+    assert twice_median([0.01, 0.2, 0.03]) == pytest.approx(0.06)
+    assert twice_median([0.01, 0.2, 0.03, 0.5]) == pytest.approx(0.06)  # lower median
+    assert twice_median([0.4, 0.9]) == 0.8 and twice_median([0.7]) == 1.0
+    # strongly dependent p-values (a shared part and a private part), uniform each: the merged
+    # p-value may be conservative but never below its level
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=(20000, 1))
+    z = 0.8 * shared + 0.6 * rng.normal(size=(20000, 9))
+    merged = np.array([twice_median(row) for row in scipy_stats.norm.sf(z)])
+    for level in (0.01, 0.05, 0.2):
+        assert (merged <= level).mean() <= level
+    with pytest.raises(ValueError):
+        twice_median([])
 
 
 def test_bonferroni():
@@ -263,37 +432,76 @@ def test_bonferroni():
         bonferroni(p, n_tests=2)
 
 
+def _run_row(concept, role, run, layer, n_positive, cav_counts, n_train=20, pool=100):
+    tp, fn, tn, fp = cav_counts
+    return dict(concept=concept, negative=f"random_{run}", role=role, run=run,
+                **{"class": "k"}, class_index=0, layer=layer, sign_count=n_positive / 10,
+                n_positive=n_positive, magnitude=0.8, i_plus=0.7, i_minus=0.6,
+                sensitivity_mean=1.0, cav_accuracy=(tp / (tp + fn) + tn / (tn + fp)) / 2,
+                cav_n_train=n_train, cav_pool=pool, cav_test_tp=tp, cav_test_fn=fn,
+                cav_test_tn=tn, cav_test_fp=fp, cav_key="x", n_class_inputs=10,
+                n_nonzero_gradients=10)
+
+
 def test_summary_statistics_and_correction():
+    """Per row: the score test on the probit sign counts with the concept's train share, the
+    CAV test on twice the median of the runs' Fisher p-values, both Bonferroni-corrected,
+    significant only when both are."""
+    counts = {"strong": [10, 10, 10, 9], "weak": [10, 10, 10, 9], "absent": [6, 2, 5, 9]}
+    tables = {"strong": [(30, 10, 35, 5), (5, 35, 6, 34), (31, 9, 36, 4), (28, 12, 33, 7)],
+              "weak": [(21, 19, 22, 18), (36, 4, 37, 3), (19, 21, 20, 20), (22, 18, 19, 21)],
+              "absent": [(36, 4, 38, 2)] * 4}
     rows = []
     for layer in ("l1", "l2"):
-        for run in range(1, 4):
-            rows.append(dict(concept="c", negative=f"random_{run}", role="concept", run=run,
-                             **{"class": "k"}, class_index=0, layer=layer,
-                             sign_count=0.9 + 0.01 * run, magnitude=0.8, i_plus=0.7,
-                             i_minus=0.6, sensitivity_mean=1.0, cav_accuracy=0.9,
-                             cav_key="x", n_class_inputs=10))
-            rows.append(dict(concept="random_0", negative=f"random_{run}", role="baseline",
-                             run=run, **{"class": "k"}, class_index=0, layer=layer,
-                             sign_count=[0.2, 0.6, 0.4][run - 1], magnitude=0.5, i_plus=0.5,
-                             i_minus=0.5, sensitivity_mean=0.0, cav_accuracy=0.5, cav_key="y",
-                             n_class_inputs=10))
+        for run in range(1, 5):
+            for concept in counts:
+                rows.append(_run_row(concept, "concept", run, layer, counts[concept][run - 1],
+                                     tables[concept][run - 1]))
+            rows.append(_run_row(f"random_{run - 1}", "baseline", run, layer,
+                                 [2, 6, 4, 8][run - 1], (20, 20, 20, 20)))
     runs = pd.DataFrame(rows)
-    config = T.TCAVConfig(random_runs=3)
-    table = T.summarize(runs, ["c"], [(0, "k")], ["l1", "l2"], config)
-    raw = scipy_stats.ttest_ind([0.91, 0.92, 0.93], [0.2, 0.6, 0.4]).pvalue
+    config = T.TCAVConfig(random_runs=4)
+    table = T.summarize(runs, list(counts), [(0, "k")], ["l1", "l2"], config)
     assert list(table.columns) == T.TABLE_COLUMNS
-    np.testing.assert_allclose(table["p_value_uncorrected"], [raw, raw])
-    np.testing.assert_allclose(table["p_value"], [min(1.0, 2 * raw)] * 2)
-    assert table["score_mean"].iloc[0] == pytest.approx(0.92)
-    assert table["score_std"].iloc[0] == pytest.approx(np.std([0.91, 0.92, 0.93]))
-    assert table["random_score_mean"].iloc[0] == pytest.approx(0.4)
-    assert (table["n_tests"] == 2).all()
-    off = T.summarize(runs, ["c"], [(0, "k")], ["l1", "l2"],
-                      T.TCAVConfig(random_runs=3, bonferroni=False))
-    np.testing.assert_allclose(off["p_value"], [raw, raw])
-    assert (off["significant"] == (raw < 0.05)).all()
+    assert len(table) == 6 and (table["n_tests"] == 6).all()
+    by = table[table["layer"] == "l1"].set_index("concept")
+    z = scipy_stats.norm.ppf((np.array(counts["strong"]) + 0.5) / 11)
+    share = 20 / 100
+    t = z.mean() / np.sqrt(z.var(ddof=1) * (share / (1 - share) + 1 / 4))
+    raw = 2 * scipy_stats.t.sf(abs(t), 3)
+    assert by.loc["strong", "p_value_uncorrected"] == pytest.approx(raw, rel=1e-9)
+    assert by.loc["strong", "p_value"] == pytest.approx(min(1.0, 6 * raw), rel=1e-9)
+    assert by.loc["strong", "train_share"] == pytest.approx(share)
+    fisher = sorted(scipy_stats.fisher_exact([[tp, fn], [fp, tn]], alternative="greater")[1]
+                    for tp, fn, tn, fp in tables["strong"])
+    cav_raw = 2 * fisher[1]  # twice the (lower) median of the 4 runs: one bad run is outvoted
+    assert by.loc["strong", "cav_p_value_uncorrected"] == pytest.approx(cav_raw, rel=1e-9)
+    assert by.loc["strong", "cav_p_value"] == pytest.approx(min(1.0, 6 * cav_raw), rel=1e-9)
+    assert by.loc["strong", "score_mean"] == pytest.approx(39 / 40)
+    assert by.loc["strong", "score_std"] == pytest.approx(np.std([1.0, 1.0, 1.0, 0.9]))
+    assert by.loc["strong", "random_score_mean"] == pytest.approx(0.5)
+    assert by.loc["strong", "null_score"] == 0.5 and by.loc["strong", "df"] == 3
+    # both tests must reject: "weak" has the same scores but CAVs at chance (one lucky run)
+    assert by.loc["weak", "p_value"] == by.loc["strong", "p_value"]
+    assert by.loc["weak", "cav_p_value"] > 0.05
+    # "absent" has a perfect CAV but scores that straddle the null
+    assert by.loc["absent", "cav_p_value"] < 1e-10 and by.loc["absent", "p_value"] > 0.05
+    assert 6 * raw < 0.05 and 6 * cav_raw < 0.05
+    assert by["significant"].to_dict() == {"strong": True, "weak": False, "absent": False}
+    # the Bonferroni factor matters: at alpha 0.01 only the uncorrected p passes
+    assert raw < 0.01 < 6 * raw
+    strict = T.TCAVConfig(random_runs=4, alpha=0.01)
+    assert not T.summarize(runs, list(counts), [(0, "k")], ["l1", "l2"],
+                           strict)["significant"].any()
+    off = T.summarize(runs, list(counts), [(0, "k")], ["l1", "l2"],
+                      T.TCAVConfig(random_runs=4, bonferroni=False, alpha=0.01))
+    off = off[off["concept"] == "strong"]
+    assert off["p_value"].to_numpy() == pytest.approx([raw, raw], rel=1e-9)
+    assert off["significant"].all()
     with pytest.raises(UsageError, match="--random-runs must be at least 2"):
         T.TCAVConfig(random_runs=1).validate()
+    with pytest.raises(UsageError, match="--concept-subsample must be in"):
+        T.TCAVConfig(concept_subsample=1.5).validate()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,14 +525,16 @@ def write_sets(root: Path, n_random: int = 4, per: int = 6, res: int = 16) -> Pa
     return root
 
 
-def pipeline(model, root: Path, cache: Cache, seed: int = 0, runs: int = 3, layers=("features.6",)):
+def pipeline(model, root: Path, cache: Cache, seed: int = 0, runs: int = 3, layers=("features.6",),
+             subsample: float = 1.0):
     sets = T.folder_concept_sets(root, ["bright", "dark"], random_sets=runs + 1, preprocessing=PREP)
     inputs = SyntheticDataset(WorldConfig(num_images=12, resolution=16, classes=("star", "circle",
                                                                                    "square")),
                               "train", PREP)
     return T.run_tcav(model, list(layers), sets.concepts, sets.randoms, inputs,
                       [(0, "star"), (2, "square")], model_fingerprint=module_digest(model),
-                      preprocessing=PREP, config=T.TCAVConfig(random_runs=runs, seed=seed),
+                      preprocessing=PREP,
+                      config=T.TCAVConfig(random_runs=runs, seed=seed, concept_subsample=subsample),
                       cache=cache, batch_size=5)
 
 
@@ -343,7 +553,30 @@ def test_pipeline_rows_and_reproducibility(sets_root, tmp_path):
         lambda c: c.between(0, 1)).all().all()
     assert (table["n_runs"] == 3).all() and (table["n_class_inputs"] == 4).all()
     assert len(first.runs) == (2 + 1) * 3 * 2  # (concepts + baseline) x runs x classes
+    assert list(first.runs.columns) == T.RUN_COLUMNS
     assert first.stats["cav_trained"] == 9 and first.stats["cav_cached"] == 0
+    # run k: the concepts against random_k; the baseline pairs random_(k-1) with random_k
+    runs = first.runs[first.runs["class"] == "star"]
+    base = runs[runs["role"] == "baseline"].sort_values("run")
+    assert list(zip(base["concept"], base["negative"])) == [
+        ("random_0", "random_1"), ("random_1", "random_2"), ("random_2", "random_3")]
+    dark = runs[runs["concept"] == "dark"].sort_values("run")
+    assert list(dark["negative"]) == ["random_1", "random_2", "random_3"]
+    # every CAV trained on a random 4 of the 6 concept images (the split), the 2 others held out
+    assert (runs["cav_pool"] == 6).all() and (runs["cav_n_train"] == 4).all()
+    assert ((runs["cav_test_tp"] + runs["cav_test_fn"]) == 2).all()
+    # held-out negatives: the 2 of its own random set, and all 6 of each of the run's other
+    # random sets (random_0..random_3 but the CAV's own one or two)
+    negatives = runs["cav_test_tn"] + runs["cav_test_fp"]
+    assert (negatives[runs["role"] == "concept"] == 2 + 3 * 6).all()
+    assert (negatives[runs["role"] == "baseline"] == 2 + 2 * 6).all()
+    assert table["train_share"].to_numpy() == pytest.approx([4 / 6] * 4)
+    # --concept-subsample 0.5: each CAV draws 3 of the 6, trains on 2; other CAVs, other keys
+    half = pipeline(model, sets_root, Cache(tmp_path / "c1"), subsample=0.5)
+    assert half.stats["cav_trained"] == 9
+    assert (half.runs["cav_pool"] == 6).all() and (half.runs["cav_n_train"] == 2).all()
+    assert half.table["train_share"].to_numpy() == pytest.approx([2 / 6] * 4)
+    assert (runs["n_positive"] == (runs["sign_count"] * 4).round()).all()
     # same seed, fresh cache: identical numbers
     again = pipeline(model, sets_root, Cache(tmp_path / "c2"))
     pd.testing.assert_frame_equal(first.table, again.table, check_exact=True)
@@ -395,9 +628,9 @@ def test_pipeline_with_a_skip_input_and_usage_errors(sets_root, tmp_path):
     res = pipeline(model, sets_root, Cache(tmp_path / "c"), layers=("conv2",))
     assert len(res.table) == 4
     model = tiny_model()
-    with pytest.raises(UsageError, match="modified in place"):
-        # features.9 is a BatchNorm followed by ReLU(inplace=True)
-        pipeline(model, sets_root, Cache(tmp_path / "c"), layers=("features.9",))
+    # features.9 is a BatchNorm followed by ReLU(inplace=True): measured before the ReLU
+    res = pipeline(model, sets_root, Cache(tmp_path / "c"), layers=("features.9",))
+    assert len(res.table) == 4 and res.table["score_mean"].between(0, 1).all()
     with pytest.raises(UsageError, match="random folders"):
         pipeline(model, sets_root, Cache(tmp_path / "c"), runs=4)
     with pytest.raises(UsageError, match="did you mean 'bright'"):
@@ -467,6 +700,7 @@ def test_broden_concept_sets(broden_export, tmp_path):
     (["--broden", "x"], ("exactly one source",)),
     (["--step-units", "pct"], ("--step-units",)),
     (["--layer", "featurs.6"], ("featurs.6", "does not exist")),
+    (["--concept-subsample", "0"], ("--concept-subsample must be in (0, 1]",)),
 ])
 def test_cli_usage_errors_leave_nothing_behind(sets_root, tmp_path, extra, words):
     argv = ["tcav", "--backbone", "smallcnn", "--concepts", sets_root, "--dataset",
@@ -486,9 +720,9 @@ def test_cli_broden_bad_layer_writes_nothing(broden_export, tmp_path):
     before = snapshot(tmp_path)
     r = run_inproc("tcav", "--backbone", "smallcnn", "--broden", root, "--concept", "plain",
                    "--dataset", "synthetic:n=6,res=32", "--split", "train", "--target", "star",
-                   "--random-runs", "2", "--layer", "features.9", "--out", tmp_path / "out",
+                   "--random-runs", "2", "--layer", "features.99", "--out", tmp_path / "out",
                    env={"CNNEXPLAIN_CACHE": str(tmp_path / "cache")})
-    assert_one_line_error(r, 2, "modified in place")
+    assert_one_line_error(r, 2, "features.99", "does not exist")
     assert snapshot(tmp_path) == before
     r = run_inproc("tcav", "--backbone", "smallcnn", "--broden", root, "--concept", "stripped",
                    "--dataset", "synthetic:n=6,res=32", "--split", "train", "--target", "star",

@@ -48,6 +48,7 @@ def synth(
     per_concept: Annotated[int, typer.Option("--per-concept", min=1, help="concepts format: images per concept folder.")] = 50,
     random_sets: Annotated[int, typer.Option("--random-sets", min=1, help="concepts format: number of random_<i> folders.")] = 5,
     min_coverage: Annotated[float, typer.Option("--min-coverage", min=0.0, max=1.0, help="concepts format: minimum image fraction a pixel concept must cover.")] = 0.005,
+    no_balance_classes: Annotated[bool, typer.Option("--no-balance-classes", help="concepts format: fill each concept folder with the first images carrying the concept, whatever their class, instead of the random folders' class mix (needed for concepts only some classes carry, e.g. star-tip).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing non-empty --out.")] = False,
     out: O.Out = None, seed: O.Seed = 0, quiet: O.Quiet = False, json_output: O.Json = False,
     recipe: O.Recipe = None,
@@ -79,9 +80,11 @@ def synth(
             raise UsageError("--format concepts needs --concepts NAME[,NAME...]",
                              "pass e.g. --concepts red-c,striped")
         extra = {"concepts": names, "n_per_concept": per_concept, "n_random_sets": random_sets,
-                 "min_coverage": min_coverage}
+                 "min_coverage": min_coverage, "balance_classes": not no_balance_classes}
     elif concepts:
         raise UsageError("--concepts only applies to --format concepts", "leave it out")
+    elif no_balance_classes:
+        raise UsageError("--no-balance-classes only applies to --format concepts", "leave it out")
     run = start_run("data synth", locals())
     result = EXPORT_FORMATS[fmt](config, run.out, progress=_callback_progress(run, f"export {fmt}"),
                                 overwrite=overwrite, **extra)

@@ -18,6 +18,7 @@ from cnnexplain.errors import UsageError, close_matches
 
 CONCEPTS = "Concepts"
 TCAV_PANEL = "TCAV"
+CONCEPT_SUBSAMPLE = 1.0  # TCAVConfig's default (kept here: the CLI imports torch lazily)
 
 HELP = "\n\n".join([
     "Measure how sensitive a class is to a concept at one or more layers: Testing with Concept "
@@ -31,22 +32,32 @@ HELP = "\n\n".join([
     "[bold]Class inputs[/]: the images of --dataset/--split (first --limit images) whose label is "
     "the --target class; or every image of --class-images DIR for every target.",
     "[bold]CAV[/]: a linear classifier on the layer's flattened activations, concept (+1) "
-    "against one random set (-1), sets truncated to equal size, 0.33 held out (stratified, "
-    "seeded), min alpha/2 |w|^2 + mean loss (hinge or logistic; tcav's SGDClassifier objective "
-    "with alpha 0.01) solved to convergence in torch; v = w/|w| points toward the concept; "
-    "the held-out accuracy is reported.",
+    "against one random set (-1): the sides are truncated to equal size (with "
+    "--concept-subsample below 1, the concept side to a random share of its images), 0.33 is "
+    "held out (stratified, seeded), and min alpha/2 |w|^2 + mean loss (hinge or logistic; "
+    "tcav's SGDClassifier objective with alpha 0.01) is solved to convergence in torch; "
+    "v = w/|w| points toward the concept; its balanced accuracy on the images it was not "
+    "trained on (those of its two sets, and all other random sets) is reported.",
     "[bold]Scores[/] over the class inputs: sign count = fraction with S > 0, S = grad of the "
     "class logit w.r.t. the activation . v; magnitude = sum |S|[S>0] / sum |S| (captum's); "
     "I+ = fraction whose class probability rises when --step * v is added to the activation "
     "(--step-units norm: --step * |a| per input), I- = fraction whose probability falls when it "
     "is subtracted.",
-    "[bold]Statistics[/]: --random-runs N CAVs of each concept against random_1..random_N, and "
-    "N random-vs-random CAVs (random_0 against the same sets) as the baseline; two-sided "
-    "Student t-test of the concept's sign counts against the baseline's (scipy's ttest_ind "
-    "default, as tcav; --welch for Welch's); p multiplied by the number of tests (concepts x "
-    "classes x layers, capped at 1) unless --no-bonferroni; significant when p < --alpha. The "
-    "test treats runs as independent although they share the concept images: with small sets "
-    "it is optimistic (see the README).",
+    "[bold]Runs[/]: --random-runs N; run k trains each concept against random_k, and a baseline "
+    "CAV of random_(k-1) against random_k, whose scores are the chart's random reference (needs "
+    "random_0..random_N).",
+    "[bold]Significance[/]: a concept is significant for a class at a layer when two tests both "
+    "reject at --alpha, each p-value multiplied by the number of tests (concepts x classes x "
+    "layers, capped at 1) unless --no-bonferroni. p (score test): the mean sign count differs "
+    "from a random direction's, which is 0.5 by symmetry; a t-test on the probit scale whose "
+    "variance is the runs' spread times r/(1-r) + 1/N, r being the share of the concept "
+    "images each CAV is trained on, so that the images shared by all runs count as one sample "
+    "(the references' t-test divides by N only and calls random image sets significant in about "
+    "a third of trials). CAV p (CAV test): each run's CAV tells held-out concept images from "
+    "held-out random images (one-sided Fisher exact test), and twice the median of the N "
+    "p-values (valid however the runs depend on each other) says the concept is linearly "
+    "present at the layer. Concept folders should have the random folders' class "
+    "mix, as `cnnexplain data synth --format concepts` writes them.",
     "Activations, CAVs, gradients and scores are cached by content (model weights, images, "
     "preprocessing, options, seed), so a repeated run only reads them back. Outputs in "
     "--out/tcav: tcav.csv (one row per concept, class and layer), runs.csv (every CAV's "
@@ -103,9 +114,14 @@ def tcav(
     batch_size: O.BatchSize = 64,
     workers: O.Workers = 0,
     random_runs: Annotated[int, typer.Option(
-        "--random-runs", help="N: CAVs per concept against random_1..random_N, and N "
-        "random-vs-random baseline CAVs (needs N+1 random sets; >= 2).",
+        "--random-runs", help="N (>= 2): CAVs per concept, against random_1..random_N, and "
+        "N baseline CAVs, random_(k-1) against random_k (needs N+1 random sets).",
         rich_help_panel=TCAV_PANEL)] = 10,
+    concept_subsample: Annotated[float, typer.Option(
+        "--concept-subsample", help="Share of its positive images (the concept's; for the "
+        "baseline, the pseudo-concept's) each CAV draws at random, in (0, 1]. 1: the first "
+        "images, as tcav; the held-out split already trains each run on another random 2/3.",
+        rich_help_panel=TCAV_PANEL)] = CONCEPT_SUBSAMPLE,
     cav_loss: Annotated[str, typer.Option(
         "--cav-loss", help="hinge (tcav's SGDClassifier default) or logistic.",
         rich_help_panel=TCAV_PANEL)] = "hinge",
@@ -124,12 +140,10 @@ def tcav(
         "--step-units", help="absolute (a +- eps v, seed 000) or norm (a +- eps |a| v).",
         rich_help_panel=TCAV_PANEL)] = "absolute",
     alpha: Annotated[float, typer.Option(
-        "--alpha", help="Significance level.", rich_help_panel=TCAV_PANEL)] = 0.05,
+        "--alpha", help="Significance level of both tests (after the Bonferroni factor).",
+        rich_help_panel=TCAV_PANEL)] = 0.05,
     no_bonferroni: Annotated[bool, typer.Option(
         "--no-bonferroni", help="Do not multiply p-values by the number of tests.",
-        rich_help_panel=TCAV_PANEL)] = False,
-    welch: Annotated[bool, typer.Option(
-        "--welch", help="Welch's t-test instead of Student's pooled-variance test.",
         rich_help_panel=TCAV_PANEL)] = False,
     out: O.Out = None, device: O.Device = "auto", seed: O.Seed = 0, quiet: O.Quiet = False,
     json_output: O.Json = False, recipe: O.Recipe = None, cache_dir: O.CacheDir = None,
@@ -141,8 +155,8 @@ def tcav(
     config = TCAVConfig(random_runs=random_runs,
                         cav=CAVConfig(loss=cav_loss, alpha=cav_alpha, max_iter=cav_max_iter,
                                       tol=cav_tol),
-                        step=step, step_units=step_units, alpha=alpha,
-                        bonferroni=not no_bonferroni, equal_var=not welch, seed=seed).validate()
+                        concept_subsample=concept_subsample, step=step, step_units=step_units,
+                        alpha=alpha, bonferroni=not no_bonferroni, seed=seed).validate()
     if (concepts_dir is None) == (broden is None):
         raise UsageError("pass exactly one source of concept images",
                          "use --concepts DIR (concept and random_<i> folders) or --broden PATH")
@@ -207,7 +221,7 @@ def _tcav(run, config, concepts: list[str], targets: list[str]) -> int:
     class_names = loaded.class_names or list(getattr(inputs, "class_names", []) or [])
     resolved = resolve_targets(targets, class_names, loaded.num_classes)
     layers = parse_layers(o.layer) or [loaded.layer]
-    check_layers(loaded.model, layers, inputs, prep, run.device)  # before anything is written
+    check_layers(loaded.model, layers)  # before anything is computed or written
     runs_needed = config.random_runs + 1
     if o.concepts_dir is not None:
         if not concepts:
@@ -242,6 +256,7 @@ def _tcav(run, config, concepts: list[str], targets: list[str]) -> int:
     rows = result.table.to_dict(orient="records")
     summary = {"rows": rows, "n_tests": result.n_tests, "bonferroni": config.bonferroni,
                "alpha": config.alpha, "random_runs": config.random_runs,
+               "concept_subsample": config.concept_subsample,
                "significant": [f"{r['concept']}|{r['class']}|{r['layer']}" for r in rows
                                if r["significant"]],
                "cache": result.stats, "concept_source": sets.info,
@@ -265,10 +280,10 @@ def _inputs(o, prep, seed, open_dataset, concept_images):
 def _print_table(run, result, config) -> None:
     correction = (f"Bonferroni-corrected over {result.n_tests} tests" if config.bonferroni
                   else "uncorrected")
-    table = Table(title=f"TCAV ({config.random_runs} runs; p {correction}; significant at p < "
-                        f"{config.alpha:g})")
+    table = Table(title=f"TCAV ({config.random_runs} runs; p and CAV p {correction}; "
+                        f"significant when both < {config.alpha:g})")
     for col in ("concept", "class", "layer", "TCAV score", "random", "magnitude", "I+", "I-",
-                "CAV acc", "p", "significant"):
+                "CAV acc", "p", "CAV p", "significant"):
         table.add_column(col, justify="left" if col in ("concept", "class", "layer") else "right")
     for r in result.table.to_dict(orient="records"):
         table.add_row(escape(str(r["concept"])), escape(str(r["class"])), escape(str(r["layer"])),
@@ -276,5 +291,6 @@ def _print_table(run, result, config) -> None:
                       f"{r['random_score_mean']:.3f} ± {r['random_score_std']:.3f}",
                       f"{r['magnitude']:.3f}", f"{r['i_plus']:.3f}", f"{r['i_minus']:.3f}",
                       f"{r['cav_accuracy']:.3f}", f"{r['p_value']:.3g}",
+                      f"{r['cav_p_value']:.3g}",
                       "[green]yes[/]" if r["significant"] else "no")
     run.print(table)

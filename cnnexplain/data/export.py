@@ -114,17 +114,44 @@ def concept_present(sample, number: int, min_coverage: float) -> bool:
     return float((maps == number).any(axis=0).mean()) >= min_coverage
 
 
+def class_quotas(n: int, n_classes: int) -> list[int]:
+    """Images per class of a class-balanced folder of ``n`` images: ``n // n_classes`` each,
+    the first ``n % n_classes`` classes (in class order) one more. The random folders (``n``
+    consecutive world indices, class of index k = ``classes[k % n_classes]``) hold the same
+    numbers up to which classes get the extra images."""
+    return [n // n_classes + (1 if k < n % n_classes else 0) for k in range(n_classes)]
+
+
 def export_concepts(config: WorldConfig, out_dir: str | os.PathLike, concepts: Sequence[str],
                     n_per_concept: int = 50, n_random_sets: int = 5,
                     n_random: int | None = None, min_coverage: float = 0.005,
-                    progress: Progress | None = None, overwrite: bool = False) -> dict:
-    """TCAV concept folders (../shared/reference/tcav.md): ``<concept>/`` holds
-    ``n_per_concept`` world images in which the concept is present (:func:`concept_present`;
-    pixel concepts must cover ``min_coverage`` of the image, default 0.5%: a star's tips cover
-    0.6-1.9%),
-    searched from world index 3e9 on; ``random_<i>/`` (i = 0 .. n_random_sets - 1) holds
-    ``n_random`` (default ``n_per_concept``) images drawn from world indices 4e9 + i * n_random
-    on, disjoint between sets. Images are PNGs named by world index. Returns counts per folder.
+                    balance_classes: bool = True, progress: Progress | None = None,
+                    overwrite: bool = False) -> dict:
+    """TCAV concept folders (../shared/reference/tcav.md).
+
+    ``<concept>/`` holds ``n_per_concept`` world images in which the concept is present
+    (:func:`concept_present`; pixel concepts must cover ``min_coverage`` of the image, default
+    0.5%: a star's tips cover 0.6-1.9%), searched in world order from index 3e9 on.
+    ``random_<i>/`` (i = 0 .. n_random_sets - 1) holds ``n_random`` (default
+    ``n_per_concept``) consecutive world images from 4e9 + i * n_random on, disjoint between
+    sets and, since the class of world index k is ``classes[k % len(classes)]``, balanced over
+    the classes. Images are PNGs named by world index, so a folder's files sort in world order.
+
+    ``balance_classes`` (default): a concept folder gets the random folders' class mix,
+    :func:`class_quotas` images per class. Without it a concept folder takes the first images
+    carrying the concept whatever their class, and a concept that co-occurs with a class
+    (``red-c`` with ``correlate=red-c@star=0.95``: about 90% stars with two classes) or is
+    rarer in some classes makes the folder differ from the random folders by class as well as
+    by concept -- its CAV then also points at the class, which biases TCAV (see
+    :mod:`cnnexplain.explain.tcav`). An image is taken for a concept only while its class has
+    no more images in the folder than any class still short of its quota, so every prefix of
+    the folder in file order (``cnnexplain tcav --images-per-set N`` reads the first N files)
+    is balanced too, to within one image per class.
+
+    At most ``MAX_RENDERS_PER_IMAGE * n_per_concept`` images are rendered; a concept (with
+    balancing: a class of a concept) still short of its images then raises a one-line
+    :class:`CnnexplainError` naming it, and nothing is written. Returns the number of images
+    per folder; ``synthetic.json`` also records the class counts of every folder.
     """
     if not concepts:
         raise UsageError("no concepts to export", "pass e.g. --concepts striped,red-c,star-tip")
@@ -133,9 +160,26 @@ def export_concepts(config: WorldConfig, out_dir: str | os.PathLike, concepts: S
                          "pass e.g. --n-per-concept 50 --random-sets 5")
     numbers = {c: ONTOLOGY.number(c) for c in concepts}
     n_random = n_per_concept if n_random is None else int(n_random)
+    n_classes = len(config.classes)
+    quota = (class_quotas(n_per_concept, n_classes) if balance_classes
+             else [n_per_concept] * n_classes)
     total = n_per_concept * len(numbers) + n_random * n_random_sets
     found: dict[str, list[int]] = {c: [] for c in numbers}
+    per_class: dict[str, list[int]] = {c: [0] * n_classes for c in numbers}
+    checked: dict[str, list[int]] = {c: [0] * n_classes for c in numbers}  # per class
+    class_counts: dict[str, dict[str, int]] = {}
     counts: dict[str, int] = {}
+
+    def takes(c: str, label: int) -> bool:
+        """Whether concept ``c``'s folder takes one more image of class ``label`` now."""
+        if len(found[c]) >= n_per_concept:
+            return False
+        got = per_class[c]
+        if not balance_classes:
+            return True
+        open_levels = [got[k] for k in range(n_classes) if got[k] < quota[k]]
+        return got[label] < quota[label] and got[label] <= min(open_levels)
+
     with staged_directory(out_dir, overwrite) as tmp:
         for c in numbers:
             (tmp / c).mkdir()
@@ -144,10 +188,16 @@ def export_concepts(config: WorldConfig, out_dir: str | os.PathLike, concepts: S
             wanted = [c for c, idx in found.items() if len(idx) < n_per_concept]
             if not wanted:
                 break
+            label = (CONCEPT_OFFSET + k) % n_classes  # render's class rule, without rendering
+            wanted = [c for c in wanted if takes(c, label)]
+            if not wanted:
+                continue
             s = render(config, CONCEPT_OFFSET + k)
             for c in wanted:
+                checked[c][s.label] += 1
                 if concept_present(s, numbers[c], min_coverage):
                     found[c].append(k)
+                    per_class[c][s.label] += 1
                     write_bytes(tmp / c / f"{CONCEPT_OFFSET + k}.png", png_bytes(s.image))
                     if progress:
                         progress(sum(map(len, found.values())), total)
@@ -156,22 +206,38 @@ def export_concepts(config: WorldConfig, out_dir: str | os.PathLike, concepts: S
             c, got = next(iter(short.items()))
             plant = (f", or plant it with a correlation (correlate={c}@CLASS=0.9)"
                      if ONTOLOGY.category_of(numbers[c]) in CORRELATABLE else "")
+            if balance_classes:
+                k = min((k for k in range(n_classes) if per_class[c][k] < quota[k]),
+                        key=lambda k: per_class[c][k])
+                raise CnnexplainError(
+                    f"concept {c!r} is present (coverage >= {min_coverage:g}) in only "
+                    f"{per_class[c][k]} of {checked[c][k]} checked images of class "
+                    f"{config.classes[k]!r}, but a class-balanced folder of {n_per_concept} "
+                    f"images needs {quota[k]} per class",
+                    "lower --per-concept or --min-coverage, or export without class "
+                    f"balancing (--no-balance-classes){plant}")
             raise CnnexplainError(
                 f"concept {c!r} is present (coverage >= {min_coverage:g}) in only {got} of "
-                f"{budget} rendered images", f"lower --n-per-concept or --min-coverage{plant}")
-        counts.update({c: len(v) for c, v in found.items()})
+                f"{budget} rendered images", f"lower --per-concept or --min-coverage{plant}")
+        for c in numbers:
+            counts[c] = len(found[c])
+            class_counts[c] = dict(zip(config.classes, per_class[c]))
         done = sum(counts.values())
         for r in range(n_random_sets):
             folder = tmp / f"random_{r}"
             folder.mkdir()
+            mix = [0] * n_classes
             for j in range(n_random):
                 idx = RANDOM_OFFSET + r * n_random + j
                 write_bytes(folder / f"{idx}.png", png_bytes(render(config, idx).image))
+                mix[idx % n_classes] += 1
                 done += 1
                 if progress:
                     progress(done, total)
             counts[f"random_{r}"] = n_random
-        write_manifest(tmp, "concepts", config, folders=counts, min_coverage=min_coverage)
+            class_counts[f"random_{r}"] = dict(zip(config.classes, mix))
+        write_manifest(tmp, "concepts", config, folders=counts, min_coverage=min_coverage,
+                       balance_classes=bool(balance_classes), class_counts=class_counts)
     return counts
 
 
