@@ -89,7 +89,8 @@ class _Tracer(torch.fx.Tracer):
 class Split(nn.Module):
     """``body(x) -> (a, *extras)`` and ``tail(a, *extras) -> logits``; ``forward`` = both.
 
-    Parameters are shared with the model the split was made from (no copies).
+    Parameters are shared with the model the split was made from (no copies). ``tail`` never
+    modifies ``a`` (it starts from a copy), so ``a`` can be reused, e.g. for a gated pathway.
     """
 
     def __init__(self, body: nn.Module, tail: nn.Module, layer: str, n_extras: int):
@@ -150,7 +151,9 @@ def split_at(model: nn.Module, layer: str) -> Split:
 
     tail_graph = torch.fx.Graph()
     tenv: dict = {}
-    tenv[target] = tail_graph.placeholder("activation")
+    # the tail works on a copy: an in-place op right after the layer (DenseNet's
+    # F.relu(..., inplace=True), ResNet's relu_) must not change the caller's activation
+    tenv[target] = tail_graph.call_method("clone", (tail_graph.placeholder("activation"),))
     for i, n in enumerate(extras):
         tenv[n] = tail_graph.placeholder(f"extra_{i}")
     for n in ordered:
