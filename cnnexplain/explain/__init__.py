@@ -1,4 +1,4 @@
-"""Explanations of a CNN's decisions.
+"""Explanations of a CNN's decisions (saliency maps, LRP / CLRP, dissection, TCAV).
 
 - :mod:`cnnexplain.explain.saliency`: pixel-level saliency methods behind one registry
   (``METHODS``): gradients, guided backprop, SmoothGrad, integrated gradients, CAM / Grad-CAM

@@ -1,0 +1,134 @@
+"""train-gated: epoch time of each method divided by std's (same backbone, data and batches, one
+run, repetitions interleaved method by method so that machine noise hits all alike), and peak
+memory of one training epoch per method (target of seed 004: at most 5% overhead, ratio <= 1.05).
+
+size ``small``: resnet18 at 32 px, 256 synthetic images, batch 64, 2 timed epochs per method;
+``full``: 1024 images, 3 timed epochs. Each method first runs one untimed epoch (memoizes the
+rendered images, warms allocators). On CPU torch runs on one thread during the benchmark (on a
+shared machine, intra-op thread hand-offs add more noise than speed to a ratio). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA;
+on CPU the peak resident set size (``VmHWM``) of a fresh process that trains one epoch of that
+method alone (timings stay in one process).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from cnnexplain.models.gates import METHODS
+
+SIZES = {"small": {"n": 256, "reps": 2}, "full": {"n": 1024, "reps": 3}}
+BACKBONE = "resnet18"
+SPEC = "synthetic:n={n},nval=16,ntest=16,res=32"
+
+
+class _Null:
+    def advance(self, n=1):
+        pass
+
+    def update(self, **kw):
+        pass
+
+
+def _trainer(method: str, n: int, device: str, out: Path):
+    from cnnexplain.data.datasets import open_dataset
+    from cnnexplain.data.preprocessing import Preprocessing
+    from cnnexplain.training import TrainConfig, Trainer
+
+    prep = Preprocessing()
+    spec = SPEC.format(n=n)
+    train = open_dataset(spec, "train", prep)
+    val = open_dataset(spec, "val", prep)
+    cfg = TrainConfig(backbone=BACKBONE, method=method, epochs=100, batch_size=64,
+                      amp=device.startswith("cuda"))
+    return Trainer.prepare(cfg, train, val, class_names=train.class_names, preprocessing=prep,
+                           device=device, out=out / method, overwrite=True)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_rss_mib() -> float:
+    """This process's own peak resident set size: ``VmHWM`` (Linux; per address space, so not
+    inherited from the parent the way ``ru_maxrss`` is across fork + exec), else ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024.0 if sys.platform != "darwin" else kib / 2 ** 20
+
+
+def _peak_rss_one_epoch(args) -> float:
+    """In a fresh process: train one epoch of ``method``; peak RSS in MiB."""
+    method, n = args
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as d:
+        t = _trainer(method, n, "cpu", Path(d))
+        t._train_epoch(0, _Null())
+    return _peak_rss_mib()
+
+
+def run(size: str = "full") -> pd.DataFrame:
+    cfg = SIZES[size]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)  # on a shared machine, thread hand-offs add more noise than speed
+    try:
+        return _run(cfg, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: dict, device: str) -> pd.DataFrame:
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    peak: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as d:
+        trainers = {m: _trainer(m, cfg["n"], device, Path(d)) for m in METHODS}
+        for m, t in trainers.items():  # untimed warm-up epoch
+            t._train_epoch(0, _Null())
+        for rep in range(cfg["reps"]):
+            order = list(METHODS[rep % len(METHODS):]) + list(METHODS[:rep % len(METHODS)])
+            for m in order:
+                t = trainers[m]
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                _sync(device)
+                t0 = time.perf_counter()
+                t._train_epoch(rep + 1, _Null())
+                _sync(device)
+                times[m].append(time.perf_counter() - t0)
+                if device == "cuda":
+                    peak[m] = max(peak.get(m, 0.0), torch.cuda.max_memory_allocated() / 2 ** 20)
+    if device == "cpu":
+        ctx = mp.get_context("spawn")
+        for m in METHODS:
+            with ctx.Pool(1) as pool:
+                peak[m] = pool.map(_peak_rss_one_epoch, [(m, cfg["n"])])[0]
+    std = sum(times["std"]) / len(times["std"])
+    rows = []
+    for m in METHODS:
+        mean = sum(times[m]) / len(times[m])
+        rows.append({"method": m, "backbone": BACKBONE, "device": device, "images": cfg["n"],
+                     "epochs_timed": len(times[m]), "epoch_s": round(mean, 3),
+                     "ratio_to_std": round(mean / std, 3),
+                     "min_ratio_to_std": round(min(times[m]) / min(times["std"]), 3),
+                     "peak_mem_mib": round(peak[m], 1),
+                     "peak_kind": "cuda max_memory_allocated" if device == "cuda" else "process max RSS"})
+    return pd.DataFrame(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(run(sys.argv[1] if len(sys.argv) > 1 else "small").to_string(index=False))

@@ -1,0 +1,249 @@
+"""The ``saliency`` command as three library calls: :func:`plan` (validate everything, load the
+model's inputs; nothing is computed or written), :func:`execute` (maps for every method, then
+the evaluation) and :func:`write_outputs` (``saliency/maps.h5``, ``evaluation.csv``,
+``sanity.csv``, overlays and the grid, all written atomically).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cnnexplain.errors import CnnexplainError, UsageError
+from cnnexplain.explain.saliency.base import (METHODS, Context, MethodOptions, ModelInfo,
+                                              get_method)
+from cnnexplain.explain.saliency.evaluation import (HEADLINE, EvalData, EvalOptions, evaluate)
+from cnnexplain.explain.saliency.inputs import ImageSet, TargetSpec, predictions
+from cnnexplain.explain.saliency.runner import Explainer, MethodResult
+from cnnexplain.models.layers import get_module
+
+
+def parse_methods(text: str | None) -> list[str] | None:
+    """``"all"`` -> None (every applicable method); else the validated list of names."""
+    if text is None or str(text).strip().lower() == "all":
+        return None
+    names = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not names:
+        raise UsageError("--methods is empty", "pass e.g. --methods gradient,gradcam or all")
+    for n in names:
+        get_method(n)
+    return list(dict.fromkeys(names))
+
+
+def model_info(loaded, clusters) -> ModelInfo:
+    return ModelInfo(backbone=loaded.backbone, gap=bool(loaded.spec.gap),
+                     gated=clusters is not None, model_type=type(loaded.model),
+                     num_classes=int(loaded.num_classes))
+
+
+def select_methods(requested: list[str] | None, info: ModelInfo) -> tuple[list[str], list[str]]:
+    """``(methods to run, skipped)``: explicit names must all apply (else a one-line
+    UsageError naming the problem and the fix); ``all`` keeps those that apply."""
+    if requested is None:
+        run = [n for n, m in METHODS.items() if m.problem(info) is None]
+        return run, [n for n in METHODS if n not in run]
+    for n in requested:
+        problem = METHODS[n].problem(info)
+        if problem is not None:
+            raise UsageError(*problem)
+    return requested, []
+
+
+def probe_layer(model, layer: str, example: torch.Tensor, methods: list[str], clusters) -> tuple:
+    """Check, with one forward pass of one image, that ``layer`` outputs one 4-D tensor once per
+    forward pass (what the layer methods need) and that a gate's clusters fit it."""
+    if not any(METHODS[n].needs_layer or METHODS[n].needs_gate for n in methods):
+        return ()
+    module = get_module(model, layer)
+    seen = []
+    handle = module.register_forward_hook(lambda _m, _i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        handle.remove()
+    users = [n for n in methods if METHODS[n].needs_layer]
+    if len(seen) != 1:
+        raise UsageError(f"layer {layer!r} runs {len(seen)} times per forward pass, so its output "
+                         f"is ambiguous for {users[0]}",
+                         "choose a layer that runs exactly once, e.g. its parent block")
+    out = seen[0]
+    if not isinstance(out, torch.Tensor) or out.dim() != 4:
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UsageError(f"{users[0]} needs a convolutional layer with output [B, C, h, w]; "
+                         f"{layer!r} outputs {shape}",
+                         "pass --layer naming a conv block, e.g. the backbone's default layer")
+    gated = [n for n in methods if METHODS[n].needs_gate]
+    if gated and clusters is not None and clusters.shape[1] != out.shape[1]:
+        raise UsageError(f"the gate's clusters cover {clusters.shape[1]} channels but layer "
+                         f"{layer!r} has {out.shape[1]}",
+                         "leave out --layer so that gated-cam explains the gated layer")
+    return tuple(out.shape[1:])
+
+
+@dataclass
+class Plan:
+    """A validated ``saliency`` job."""
+
+    loaded: object
+    images: ImageSet
+    methods: list[str]
+    skipped: list[str]
+    layer: str
+    target: TargetSpec
+    context: Context
+    batch_size: int
+    device: object
+    evaluate: bool = False
+    metrics: list[str] = field(default_factory=list)
+    eval_options: EvalOptions = field(default_factory=EvalOptions)
+    overlays: int = 8
+    notices: list[str] = field(default_factory=list)
+
+
+def plan(loaded, images: ImageSet, methods_text: str | None, target_text: str, layer: str | None,
+         options: MethodOptions, batch_size: int, device, seed: int = 0, evaluate: bool = False,
+         metrics: list[str] | None = None, eval_options: EvalOptions | None = None,
+         overlays: int = 8) -> Plan:
+    """Validate the whole job against the loaded model and inputs (nothing computed or
+    written): methods apply to the model, the layer exists and suits them, the target fits the
+    model and the inputs, the inputs are large enough, evaluation has ground truth."""
+    from cnnexplain.models.gates import class_clusters, gate_matrix, gate_threshold
+
+    options = options.validate()
+    eval_options = (eval_options or EvalOptions()).validate()
+    requested = parse_methods(methods_text)
+    target = TargetSpec.parse(target_text)
+    layer = layer or loaded.layer
+    get_module(loaded.model, layer)
+    notices: list[str] = []
+
+    matrix = gate_matrix(loaded)
+    clusters = None
+    if matrix is not None:
+        threshold = options.gate_threshold
+        if threshold is None:
+            threshold = gate_threshold(loaded)
+        clusters = class_clusters(matrix, threshold)
+        empty = [loaded.class_name(c) for c in range(clusters.shape[0]) if not clusters[c].any()]
+        if empty:
+            notices.append(f"at gate threshold {threshold} the cluster of class(es) "
+                           f"{', '.join(empty[:5])} is empty: gated-cam is zero for them")
+    info = model_info(loaded, clusters)
+    methods, skipped = select_methods(requested, info)
+    if skipped:
+        notices.append(f"--methods all: skipping {', '.join(skipped)} (not applicable to "
+                       f"{info.label}; see `cnnexplain saliency --list-methods`)")
+    if evaluate and images.truth is None:
+        raise UsageError(f"--evaluate needs ground-truth boxes or masks, and {images.source} "
+                         "has none", "evaluate on --dataset synthetic[...] (its images carry "
+                         "masks and boxes), or leave out --evaluate")
+    target.check(int(loaded.num_classes), images.has_labels)
+    h, w = images.size
+    min_size = loaded.spec.min_size
+    if min(h, w) < min_size:
+        raise UsageError(f"{loaded.backbone} needs inputs of at least {min_size} px, these are "
+                         f"{h}x{w}", f"pass --resize {max(min_size, 64)} (or a dataset with "
+                         "larger images)")
+    example = images.images[:1].to(device)
+    probe_layer(loaded.model, layer, example, methods, clusters)
+    context = Context(options=options, preprocessing=loaded.preprocessing,
+                      classifier=loaded.spec.classifier, clusters=clusters, seed=int(seed),
+                      backbone=loaded.backbone)
+    return Plan(loaded=loaded, images=images, methods=methods, skipped=skipped, layer=layer,
+                target=target, context=context, batch_size=int(batch_size), device=device,
+                evaluate=bool(evaluate), metrics=list(metrics or []),
+                eval_options=eval_options, overlays=int(overlays), notices=notices)
+
+
+@dataclass
+class Outcome:
+    """What :func:`execute` computed: the explained pairs, one :class:`MethodResult` per method,
+    evaluation rows (method x metric) and sanity rows (method x step)."""
+
+    image_index: torch.Tensor
+    targets: torch.Tensor
+    rank: torch.Tensor
+    results: list[MethodResult]
+    evaluation: pd.DataFrame | None = None
+    sanity: pd.DataFrame | None = None
+
+    def summary(self) -> dict:
+        methods = {}
+        ev = self.evaluation.set_index("method") if self.evaluation is not None else None
+        for r in self.results:
+            d = {"ms_per_image": round(r.ms_per_image, 3), "cached": bool(r.cached)}
+            if ev is not None and r.method in ev.index:
+                for col in HEADLINE:
+                    if col in ev.columns:
+                        v = float(ev.loc[r.method, col])
+                        d[col] = None if not np.isfinite(v) else round(v, 4)
+            methods[r.method] = d
+        return {"pairs": int(len(self.image_index)), "methods": methods}
+
+
+def execute(p: Plan, cache=None, progress=None) -> Outcome:
+    """Predictions (for pred / topk targets), maps for every method (cached), evaluation."""
+    loaded = p.loaded
+    logits = None
+    if p.target.needs_predictions:
+        logits = predictions(loaded.model, p.images.images, p.device, p.batch_size, progress)
+    image_index, targets, rank = p.target.resolve(logits, p.images.labels, len(p.images))
+    explainer = Explainer(model=loaded.model, images=p.images.images, context=p.context,
+                          device=p.device, batch_size=p.batch_size, layer=p.layer,
+                          model_fingerprint=loaded.fingerprint,
+                          inputs_fingerprint=p.images.fingerprint, target_text=p.target.text,
+                          cache=cache, progress=progress)
+    results = [explainer.run(name, image_index, targets) for name in p.methods]
+    for r in results:
+        if not np.isfinite(r.maps).all():
+            raise CnnexplainError(f"{r.method} produced NaN or Inf values",
+                                  "check the model and the inputs (re-run with --no-cache)")
+    outcome = Outcome(image_index, targets, rank, results)
+    if p.evaluate:
+        labels = p.images.labels if p.images.labels is not None else torch.full(
+            (len(p.images),), -1, dtype=torch.long)
+        data = EvalData(explainer=explainer, labels=labels, truth=p.images.truth,
+                        image_index=image_index, targets=targets, options=p.eval_options)
+        rows, sanity = evaluate(data, results, p.metrics, progress)
+        outcome.evaluation = pd.DataFrame(rows)
+        outcome.sanity = pd.DataFrame(sanity) if sanity else None
+    return outcome
+
+
+def display_images(p: Plan) -> np.ndarray:
+    """``[N, H, W, 3]`` in [0, 1] for the PNGs (inputs denormalized with the model's
+    preprocessing)."""
+    img = p.loaded.preprocessing.denormalize(p.images.images).clamp(0, 1)
+    return img.permute(0, 2, 3, 1).numpy()
+
+
+def write_outputs(p: Plan, o: Outcome, out: Path, progress=None) -> list[Path]:
+    """Write ``out/saliency/...`` atomically; returns the written paths."""
+    from cnnexplain.explain.saliency_outputs import write_maps_h5, write_pngs
+    from cnnexplain.io import write_csv
+
+    base = Path(out) / "saliency"
+    labels = (p.images.labels[o.image_index] if p.images.labels is not None
+              else torch.full((len(o.image_index),), -1, dtype=torch.long))
+    names = [p.images.names[int(i)] for i in o.image_index]
+    attrs = {"target": p.target.text, "source": p.images.source,
+             "model_json": p.loaded.describe(), "methods_json": p.methods,
+             "preprocessing_json": p.loaded.preprocessing.to_dict(), "layer": p.layer}
+    paths = [write_maps_h5(base / "maps.h5", o.results, o.image_index.numpy(),
+                           o.targets.numpy(), o.rank.numpy(), labels.numpy(), names, attrs)]
+    if o.evaluation is not None:
+        write_csv(base / "evaluation.csv", o.evaluation)
+        paths.append(base / "evaluation.csv")
+    if o.sanity is not None:
+        write_csv(base / "sanity.csv", o.sanity)
+        paths.append(base / "sanity.csv")
+    if p.overlays > 0:
+        paths += write_pngs(base, o.results, display_images(p), o.image_index.numpy(),
+                            o.targets.numpy(), p.images.names, p.loaded.class_name, p.overlays,
+                            progress)
+    return paths

@@ -1,0 +1,972 @@
+"""``train-gated``: train a CNN whose target-layer channels each serve a few classes only.
+
+Methods (``--method``, gates in :mod:`cnnexplain.models.gates`):
+
+- ``std``: ``CE(y, ŷ)`` on the same architecture (the baseline).
+- ``cdcnn-r1p2`` / ``cdcnn-r1p1`` (seed ``000_d60c53f3ec4d0e03.txt``, ``Loss_1``):
+  ``CE(y, ŷ) + λ1 CE(y, ŷ_W) + λ2 ||W||_{1,2}`` with ``ŷ_W = f_{>l}(W_{:,y} ⊙ A)``.
+- ``cdcnn-r0p1`` (seed 000, ``Loss_0``): ``CE(y, ŷ) + λ1 CE(y, ŷ_W)``.
+- ``picnn`` (seed ``004_64660bc76be64243.txt``, eq. 1-3): ``L_dis + λ L_int``; ``L_int`` is the
+  cross-entropy of the pathway masked by ``z ~ Ber(P[ỹ])`` over the samples whose pseudo-label
+  ``ỹ`` equals the label (the reference code), normalized by their number.
+
+What makes a run reproducible and resumable
+-------------------------------------------
+- Data order of epoch ``e`` is a permutation drawn from a generator seeded by ``(seed, e)``;
+  every gate draw of step ``s`` (pseudo-label ``xi``, Bernoulli ``eps``) comes from a generator
+  seeded by ``(seed, e, s)`` for the whole *global* batch; the learning rate and the annealed
+  ``delta`` are pure functions of the global step. A run resumed from the checkpoint of epoch
+  ``e`` therefore sees the same batches and draws as an uninterrupted one; the checkpoint also
+  holds the optimizer, gate optimizer, AMP scaler and RNG states (torch, numpy, python, CUDA),
+  so on CPU the final tensors are bit-identical.
+- Under ``torchrun`` each rank takes a contiguous slice of every global batch and the slice of
+  the global draws, DistributedDataParallel averages gradients (the gate lives inside the DDP
+  module, so its gradients are averaged too and its post-step projection runs on identical
+  values), ``L_int`` is normalized by the global number of counted samples, and BatchNorm uses
+  global batch statistics (:func:`sync_batchnorm_`), so a 2-process run follows the
+  single-process run with the same global batch up to float summation order.
+- Validation every epoch on a split carved from the training data (``--val-fraction``, seeded);
+  ``best.pt`` is the epoch with the best validation ACC1; the test split is never looked at.
+- A loss term that becomes NaN or infinite stops the run with one line naming the term, the
+  epoch and the step; the last checkpoint (written at the end of the previous epoch) is intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+import types
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from cnnexplain.data.preprocessing import Preprocessing
+from cnnexplain.errors import CnnexplainError, UsageError
+from cnnexplain.models import zoo
+from cnnexplain.models.checkpoint import (Checkpoint, load_checkpoint, save_checkpoint)
+from cnnexplain.models.gates import (METHODS, Gate, GateNoise, GatedNetwork, apply_mask,
+                                     class_clusters, make_gate)
+from cnnexplain.models.layers import get_module, split_at
+from cnnexplain.models.network import insert_conv
+from cnnexplain.runtime import Dist
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+LOG = "train_log.csv"
+
+LOG_COLUMNS = ["epoch", "loss", "loss_main", "loss_gated", "loss_reg", "train_acc1",
+               "train_gated_acc", "pseudo_match", "val_acc1", "val_acc2", "val_acc3",
+               "gate_density", "gate_l1_density", "gate_peakedness", "delta", "lr", "gate_lr",
+               "epoch_time_s"]
+"""``train_log.csv`` columns. ``loss_main``: CE of the full pathway (seed 000's ``CE(y, ŷ)``,
+seed 004's ``L_dis``); ``loss_gated``: CE of the gated pathway (``CE(y, ŷ_W)`` / ``L_int``);
+``loss_reg``: ``||W||_{1,2}``; ``loss``: the weighted total. ``train_gated_acc``: accuracy of
+the gated pathway on the training masks; ``pseudo_match``: fraction of samples whose mask row
+was their true class; ``val_acc2`` / ``val_acc3``: validation accuracy with only the predicted
+class's cluster / without the true class's cluster (deterministic clusters, threshold);
+``gate_peakedness``: mean over channels of the largest class share of the channel's row."""
+
+TERM_NAMES = {"std": ("CE", "", ""), "picnn": ("L_dis", "L_int", ""),
+              "cdcnn-r1p2": ("CE", "CE_W", "||W||_12"), "cdcnn-r1p1": ("CE", "CE_W", "||W||_12"),
+              "cdcnn-r0p1": ("CE", "CE_W", "")}
+"""The seeds' names of (main, gated, regularizer) loss terms per method, used in messages."""
+
+DEFAULTS = {
+    # method hyper-parameters (seed values where the seeds give one)
+    "lambda1": 1.0,          # seed 000: weight of CE(y, ŷ_W) (no value in the seed)
+    "lambda2": 0.05,         # seed 000: weight of ||W||_{1,2} (no value in the seed)
+    "lam": 2.0,              # seed 004: λ = 2
+    "delta_start": 1.0,
+    "delta_end": 0.05,
+    "gate_lr": 0.05,
+    "gate_temperature": 1.0,
+    "gate_threshold": 0.5,
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every option that changes the trained weights (recorded in the checkpoint; ``--resume``
+    refuses to continue with different values). See ``cnnexplain train-gated --help``."""
+
+    backbone: str = "resnet18"
+    num_classes: int = 0
+    layer: str = ""
+    insert_conv: int | None = None
+    weights: str | None = None
+    method: str = "picnn"
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    grad_clip: float | None = None
+    gate_lr: float = DEFAULTS["gate_lr"]
+    lambda1: float = DEFAULTS["lambda1"]
+    lambda2: float = DEFAULTS["lambda2"]
+    lam: float = DEFAULTS["lam"]
+    delta_start: float = DEFAULTS["delta_start"]
+    delta_end: float = DEFAULTS["delta_end"]
+    gate_temperature: float = DEFAULTS["gate_temperature"]
+    gate_threshold: float = DEFAULTS["gate_threshold"]
+    gate_label: str = "true"
+    gate_warmup: int = 0
+    val_fraction: float = 0.1
+    augment: str = "none"
+    seed: int = 0
+    amp: bool = False
+    channels_last: bool = False
+    sync_bn: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def validate(self) -> None:
+        """Usage errors for impossible values (before anything is built or written)."""
+        if self.method not in METHODS:
+            from cnnexplain.errors import close_matches
+
+            raise UsageError(f"unknown --method {self.method!r}{close_matches(self.method, METHODS)}",
+                             f"choose one of: {', '.join(METHODS)}")
+        checks = [
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}", "pass e.g. --epochs 10"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}",
+             "pass e.g. --batch-size 64"),
+            (self.optimizer in ("sgd", "adam"), f"--optimizer must be sgd or adam, got {self.optimizer!r}",
+             "pass --optimizer sgd or --optimizer adam"),
+            (self.schedule in ("cosine", "constant"),
+             f"--schedule must be cosine or constant, got {self.schedule!r}",
+             "pass --schedule cosine or --schedule constant"),
+            (0 < self.lr <= MAX_LR, f"--lr must be in (0, {MAX_LR:g}], got {self.lr}",
+             "pass e.g. --lr 0.001"),
+            (0 < self.gate_lr <= MAX_LR, f"--gate-lr must be in (0, {MAX_LR:g}], got {self.gate_lr}",
+             "pass e.g. --gate-lr 0.05"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}",
+             "pass e.g. --weight-decay 1e-4"),
+            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}",
+             "pass e.g. --momentum 0.9"),
+            (self.grad_clip is None or self.grad_clip > 0,
+             f"--grad-clip must be positive, got {self.grad_clip}", "pass e.g. --grad-clip 5, or leave it out"),
+            (self.lambda1 >= 0 and self.lambda2 >= 0 and self.lam >= 0,
+             "--lambda, --lambda1 and --lambda2 must be >= 0", "pass e.g. --lambda 2"),
+            (self.delta_start > 0 and self.delta_end > 0,
+             f"--delta-start and --delta-end must be positive, got {self.delta_start} and {self.delta_end}",
+             "pass e.g. --delta-start 1 --delta-end 0.05"),
+            (self.gate_temperature > 0, f"--gate-temperature must be positive, got {self.gate_temperature}",
+             "pass e.g. --gate-temperature 1"),
+            (0 < self.gate_threshold < 1,
+             f"--gate-threshold must be in (0, 1), got {self.gate_threshold}", "pass e.g. --gate-threshold 0.5"),
+            (self.gate_label in ("true", "pseudo"),
+             f"--gate-label must be true or pseudo, got {self.gate_label!r}",
+             "pass --gate-label true (seed 000) or pseudo (seed 004's remedy)"),
+            (0 <= self.gate_warmup < self.epochs or (self.method == "std" and self.gate_warmup >= 0),
+             f"--gate-warmup {self.gate_warmup} must be less than --epochs {self.epochs}",
+             "lower --gate-warmup or raise --epochs"),
+            (0 < self.val_fraction < 1, f"--val-fraction must be in (0, 1), got {self.val_fraction}",
+             "pass e.g. --val-fraction 0.1"),
+            (self.augment in AUGMENTATIONS,
+             f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}",
+             "pass --augment none, flip or flip-crop"),
+            (self.insert_conv is None or self.insert_conv >= 1,
+             f"--insert-conv must be at least 1, got {self.insert_conv}", "pass e.g. --insert-conv 64"),
+        ]
+        for ok, problem, fix in checks:
+            if not ok:
+                raise UsageError(problem, fix)
+
+    def gate_hparams(self) -> dict:
+        return {"delta_start": self.delta_start, "delta_end": self.delta_end,
+                "temperature": self.gate_temperature, "threshold": self.gate_threshold,
+                "label_source": self.gate_label}
+
+
+AUGMENTATIONS = ("none", "flip", "flip-crop")
+"""Training-time augmentation: horizontal flips with probability 1/2, and (flip-crop) random
+crops of the image padded by 1/8 of its side with zeros (the usual CIFAR recipe)."""
+
+
+def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator, start: int = 0,
+                  total: int | None = None) -> torch.Tensor:
+    """Augment ``x`` [B, 3, H, W] (in [0, 1], before normalization) with the draws of a global
+    batch of ``total`` images from ``g`` (this rank's rows start at ``start``), so resumed and
+    distributed runs see the same augmented images."""
+    if kind == "none":
+        return x
+    b, _, h, w = x.shape
+    total = total or b
+    flips = torch.rand(total, generator=g)[start:start + b] < 0.5
+    pad = max(1, h // 8)
+    shifts = torch.randint(0, 2 * pad + 1, (total, 2), generator=g)[start:start + b]
+    if kind == "flip-crop":
+        padded = F.pad(x, (pad, pad, pad, pad))
+        x = torch.stack([padded[i, :, int(dy):int(dy) + h, int(dx):int(dx) + w]
+                         for i, (dy, dx) in enumerate(shifts.tolist())])
+    flips = flips.to(x.device)
+    return torch.where(flips[:, None, None, None], x.flip(-1), x)
+
+
+MAX_LR = 1e30
+"""Largest accepted learning rate (beyond it the optimizers' float32 arithmetic overflows)."""
+
+RESUME_IGNORED = {"sync_bn", "channels_last"}
+"""Config keys that may differ on ``--resume`` (they do not change the math)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic randomness
+# ---------------------------------------------------------------------------------------------
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from ``parts`` (e.g. ``(seed, "order", epoch)``); stable across runs."""
+    h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(*parts) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(derive_seed(*parts))
+    return g
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The permutation of ``n`` training items for ``epoch`` (depends only on seed, epoch)."""
+    return torch.randperm(n, generator=generator(seed, "order", epoch))
+
+
+class EpochBatches:
+    """Batch sampler: the global batches of one epoch (``drop_last``), each cut into
+    ``world`` equal contiguous slices; yields this rank's slice."""
+
+    def __init__(self, n: int, batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
+        self.n, self.batch, self.seed, self.epoch = n, batch, seed, epoch
+        self.rank, self.world = rank, world
+        self.local = batch // world
+
+    def __len__(self) -> int:
+        return self.n // self.batch
+
+    def __iter__(self):
+        order = epoch_order(self.n, self.seed, self.epoch)
+        for s in range(len(self)):
+            idx = order[s * self.batch:(s + 1) * self.batch]
+            yield idx[self.rank * self.local:(self.rank + 1) * self.local].tolist()
+
+
+def rng_state() -> dict:
+    """torch, numpy, python (and CUDA) RNG states as tensors, ints and lists only."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                       "cached_gaussian": float(np_state[4])},
+             "python": {"version": int(py_state[0]), "state": [int(x) for x in py_state[1]],
+                        "gauss_next": py_state[2]}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+class ImageLabel(Dataset):
+    """``(image [3, H, W] float, label int64)`` pairs of a dataset, memoized in memory when
+    ``memo`` (a pure speed-up: items are deterministic functions of their index)."""
+
+    def __init__(self, dataset: Dataset, memo: bool = False):
+        self.dataset = dataset
+        self.memo: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if memo else None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        if self.memo is not None and i in self.memo:
+            return self.memo[i]
+        item = self.dataset[i]
+        pair = (item["image"].float(), torch.as_tensor(item["label"], dtype=torch.int64).reshape(()))
+        if self.memo is not None:
+            self.memo[i] = pair
+        return pair
+
+
+def _collate(items):
+    return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+
+
+MEMO_BYTES = 1 << 30
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm with global statistics under torch.distributed (CPU/gloo and CUDA/nccl)
+# ---------------------------------------------------------------------------------------------
+
+def _global_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """BatchNorm over the global batch of all ranks: per-channel sum, sum of squares and count
+    are all-reduced (autograd-aware, so gradients flow across ranks as in SyncBatchNorm)."""
+    import torch.distributed.nn.functional as dnn
+
+    if not self.training:
+        return type(self).forward(self, x)
+    dims = [0, *range(2, x.dim())]
+    c = x.shape[1]
+    xf = x.float()
+    count = torch.full((1,), x.numel() / c, dtype=torch.float32, device=x.device)
+    stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
+    stats = dnn.all_reduce(stats)
+    n = stats[-1]
+    mean = stats[:c] / n
+    var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
+    shape = [1, c] + [1] * (x.dim() - 2)
+    y = (xf - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+    if self.affine:
+        y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+    if self.track_running_stats:
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            unbiased = var * (n / (n - 1).clamp_min(1))
+            self.running_mean.mul_(1 - m).add_(mean.detach() * m)
+            self.running_var.mul_(1 - m).add_(unbiased.detach() * m)
+    return y.to(x.dtype)
+
+
+def sync_batchnorm_(model: nn.Module) -> int:
+    """Make every BatchNorm layer of ``model`` use global batch statistics across the ranks of
+    the process group (torch's SyncBatchNorm refuses CPU modules). State dict unchanged.
+    Returns the number of layers patched."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.forward = types.MethodType(_global_bn_forward, m)
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the network
+# ---------------------------------------------------------------------------------------------
+
+def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
+    """The backbone with ``num_classes`` outputs, optional weights and inserted conv."""
+    spec = zoo.get_spec(config.backbone)
+    layer = config.layer or spec.default_layer
+    w = config.weights
+    if w is None:
+        model = zoo.build(config.backbone, num_classes=num_classes)
+    elif w == "imagenet":
+        model = zoo.build(config.backbone, num_classes=num_classes, imagenet=True)
+    else:
+        state = zoo.safe_load_state_dict(w)
+        found = zoo.infer_num_classes(state, spec)
+        if found is None:
+            raise CnnexplainError(f"weights file {w} has no {spec.classifier}.weight, so it is not "
+                                  f"a {config.backbone} state_dict",
+                                  "pass the --backbone the weights were saved from")
+        model = zoo.build(config.backbone, num_classes=found)
+        zoo.load_state_dict_into(model, state, config.backbone, f"weights file {w}")
+        zoo.replace_classifier(model, spec, num_classes)
+    get_module(model, layer)
+    if config.insert_conv:
+        insert_conv(model, spec, layer, config.insert_conv)
+    return model, layer
+
+
+def _lr_factor(schedule: str, step: int, total: int) -> float:
+    """Cosine from 1 to 0.001 over ``total`` steps, or constant 1 (a pure function of step)."""
+    if schedule == "constant" or total <= 1:
+        return 1.0
+    t = min(max(step / (total - 1), 0.0), 1.0)
+    return 0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """What a finished run produced (paths in ``out``; ``log``: one dict per epoch)."""
+
+    model: nn.Module
+    gate: Gate | None
+    layer: str
+    log: list[dict]
+    best_epoch: int
+    best_val_acc1: float | None
+    checkpoint: Path
+    best: Path
+    log_path: Path
+    meta: dict
+    resumed_from: int = 0
+    stopped_early: bool = False
+
+    @property
+    def last(self) -> dict:
+        return self.log[-1] if self.log else {}
+
+
+@dataclass
+class Trainer:
+    """A validated, ready-to-run training (nothing written yet); :meth:`run` trains."""
+
+    config: TrainConfig
+    model: nn.Module
+    layer: str
+    gate: Gate | None
+    net: nn.Module
+    train_data: Dataset
+    val_data: Dataset | None
+    class_names: list[str]
+    preprocessing: Preprocessing
+    device: torch.device
+    dist: Dist
+    out: Path
+    data_info: dict
+    channels: int
+    notice: Callable[[str], None] = lambda m: None
+    resume_state: dict | None = None
+    workers: int = 0
+    ddp: nn.Module | None = None
+    _opt: torch.optim.Optimizer | None = None
+    _gate_opt: torch.optim.Optimizer | None = None
+    _scaler: object = None
+    log: list[dict] = field(default_factory=list)
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def prepare(cls, config: TrainConfig, train: Dataset, val: Dataset | None = None, *,
+                class_names: list[str],
+                preprocessing: Preprocessing, device: torch.device | str = "cpu",
+                dist: Dist | None = None, out: str | Path = "runs/train-gated",
+                resume: bool = False, overwrite: bool = False, workers: int = 0,
+                data_info: dict | None = None,
+                notice: Callable[[str], None] = lambda m: None) -> "Trainer":
+        """Validate everything and build the model, gate and optimizers; write nothing.
+
+        ``train`` / ``val``: the training and validation splits (items with ``image`` and
+        ``label``; ``open_dataset(spec, "train"|"val", ..., val_fraction=config.val_fraction)``
+        carves val from train where a dataset has none). ``resume``: continue
+        ``out/checkpoint.pt`` (same options and data required).
+        """
+        dist = dist or Dist()
+        device = torch.device(device)
+        out = Path(out)
+        config.validate()
+        num_classes = len(class_names)
+        if config.num_classes and config.num_classes != num_classes:
+            raise UsageError(f"--num-classes {config.num_classes} does not match the dataset's "
+                             f"{num_classes} classes", "leave out --num-classes")
+        config.num_classes = num_classes
+        if config.method != "std" and num_classes < 2:
+            raise UsageError(f"--method {config.method} needs at least 2 classes, the dataset has "
+                             f"{num_classes}", "use a dataset with several classes")
+        if config.amp and device.type != "cuda":
+            notice("--amp needs CUDA; training in float32 on " + str(device))
+            config.amp = False
+        if config.channels_last and device.type != "cuda":
+            config.channels_last = False
+        if config.batch_size % dist.world_size:
+            raise UsageError(f"--batch-size {config.batch_size} is not divisible by the "
+                             f"{dist.world_size} processes", "pass a global batch size that is a "
+                             "multiple of --nproc_per_node")
+        if len(train) == 0:
+            raise CnnexplainError("the training split has no images", "check --dataset and --limit")
+        info = dict(data_info or {})
+        info.update({"train_images": len(train), "val_images": len(val) if val is not None else 0})
+        ckpt_path = out / CHECKPOINT
+        state = None
+        if resume:
+            if not ckpt_path.is_file():
+                raise UsageError(f"nothing to resume: {ckpt_path} does not exist",
+                                 "run without --resume to start training")
+            ck = load_checkpoint(ckpt_path)
+            if not ck.train_state:
+                raise CnnexplainError(f"{ckpt_path} has no training state to resume from",
+                                      "run without --resume into a new --out")
+            _check_resume(config, ck.meta.get("training") or {})
+            recorded = ck.meta.get("preprocessing")
+            if recorded is not None and recorded != preprocessing.to_dict():
+                raise UsageError("--resume: the preprocessing (--resize/--mean/--std) differs from "
+                                 "the checkpoint's", "resume with the options the run was started with")
+            before = (ck.meta.get("data") or {}).get("fingerprint")
+            if before is not None and info.get("fingerprint") is not None and before != info["fingerprint"]:
+                raise UsageError("--resume: the training data differs from the checkpoint's "
+                                 f"({(ck.meta.get('data') or {}).get('spec', '?')})",
+                                 "resume with the same --dataset, --limit and --val-fraction")
+            state = {"ckpt": ck}
+        elif ckpt_path.exists() and not overwrite:
+            raise UsageError(f"--out {out} already holds a train-gated checkpoint",
+                             "pass --resume to continue it, --overwrite to start over, or "
+                             "choose another --out")
+        if len(train) < config.batch_size:
+            raise UsageError(f"the training split has {len(train)} images, fewer than "
+                             f"--batch-size {config.batch_size}",
+                             "lower --batch-size or use more images (--limit)")
+        first = train[0]
+        image = first["image"]
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise CnnexplainError(f"dataset images have shape {list(image.shape)}, expected [3, H, W]",
+                                  "check --dataset")
+        spec = zoo.get_spec(config.backbone)
+        side = min(int(image.shape[1]), int(image.shape[2]))
+        if side < spec.min_size:
+            raise UsageError(f"{config.backbone} needs images of at least {spec.min_size} px, the "
+                             f"dataset's are {side} px", f"pass --resize {spec.min_size} or larger")
+        # build: model init, then gate init, from the seeded global RNG (same on every rank)
+        torch.manual_seed(config.seed)
+        model, layer = build_model(config, num_classes)
+        if dist.enabled and config.sync_bn:
+            sync_batchnorm_(model)
+        split = split_at(model, layer)
+        model.eval()
+        with torch.no_grad():
+            a, *_ = split.body(torch.zeros(2, 3, image.shape[1], image.shape[2]))
+        if a.dim() < 2:
+            raise UsageError(f"layer {layer!r} has output shape {list(a.shape)}, not [B, K, ...]",
+                             "choose a conv layer")
+        channels = int(a.shape[1])
+        gate = make_gate(config.method, channels, num_classes, **config.gate_hparams())
+        if config.lambda1 == 0 and config.method.startswith("cdcnn"):
+            notice("--lambda1 0 switches the gated pathway off: the gate will not learn")
+        model.to(device)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if gate is not None:
+            gate.to(device)
+        net = GatedNetwork(split.body, split.tail, gate).to(device)
+        item_bytes = image.numel() * 4
+        total = len(train) + (len(val) if val is not None else 0)
+        memo = workers == 0 and item_bytes * total <= MEMO_BYTES
+        trainer = cls(config=config, model=model, layer=layer, gate=gate, net=net,
+                      train_data=ImageLabel(train, memo=memo),
+                      val_data=ImageLabel(val, memo=memo) if val is not None else None,
+                      class_names=list(class_names), preprocessing=preprocessing, device=device,
+                      dist=dist, out=out, data_info=info, channels=channels, notice=notice,
+                      resume_state=state, workers=workers)
+        trainer._build_optimizers()
+        if state is not None:
+            trainer._restore(state["ckpt"])
+        return trainer
+
+    def _build_optimizers(self) -> None:
+        c = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if c.optimizer == "sgd":
+            self._opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum,
+                                        weight_decay=c.weight_decay)
+        else:
+            self._opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+        if self.gate is not None:
+            self._gate_opt = torch.optim.Adam(self.gate.parameters(), lr=c.gate_lr)
+        self._scaler = torch.amp.GradScaler("cuda", enabled=bool(c.amp))
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(self.net, device_ids=ids)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def meta(self) -> dict:
+        c = self.config
+        m = {"backbone": c.backbone, "num_classes": c.num_classes, "class_names": self.class_names,
+             "layer": self.layer, "insert_conv": c.insert_conv, "method": c.method,
+             "preprocessing": self.preprocessing.to_dict(), "training": c.to_dict(),
+             "data": self.data_info}
+        if self.gate is not None:
+            m["gate"] = {**self.gate.describe(), "layer": self.layer}
+        return m
+
+    def _gate_tensors(self) -> dict:
+        return self.gate.state_tensors() if self.gate is not None else {}
+
+    def _train_state(self, epoch: int, best: dict) -> dict:
+        return {"epoch": epoch, "optimizer": self._opt.state_dict(),
+                "gate_optimizer": self._gate_opt.state_dict() if self._gate_opt else {},
+                "scaler": self._scaler.state_dict() if self.config.amp else {},
+                "scheduler": {"kind": self.config.schedule, "steps_per_epoch": self.steps_per_epoch,
+                              "global_step": epoch * self.steps_per_epoch},
+                "rng": rng_state(), "log": [dict(r) for r in self.log], "best": dict(best),
+                "data_order": {"seed": self.config.seed, "next_epoch": epoch}}
+
+    def _restore(self, ck: Checkpoint) -> None:
+        zoo.load_state_dict_into(self.model, ck.state_dict, self.config.backbone,
+                                 f"checkpoint {self.out / CHECKPOINT}")
+        if self.gate is not None:
+            self.gate.load_state_tensors({k: v.to(self.device) for k, v in ck.gate.items()})
+        ts = ck.train_state
+        self._opt.load_state_dict(ts["optimizer"])
+        if self._gate_opt is not None and ts.get("gate_optimizer"):
+            self._gate_opt.load_state_dict(ts["gate_optimizer"])
+        if self.config.amp and ts.get("scaler"):
+            self._scaler.load_state_dict(ts["scaler"])
+        self.log = [dict(r) for r in ts.get("log", [])]
+        self.resume_state = {"epoch": int(ts["epoch"]), "best": dict(ts.get("best") or {}),
+                             "rng": ts.get("rng")}
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_data) // self.config.batch_size
+
+    # -- one epoch ----------------------------------------------------------------------------
+    def _loader(self, epoch: int) -> DataLoader:
+        sampler = EpochBatches(len(self.train_data), self.config.batch_size, self.config.seed,
+                               epoch, self.dist.rank, self.dist.world_size)
+        return DataLoader(self.train_data, batch_sampler=sampler, num_workers=self.workers,
+                          collate_fn=_collate, generator=generator(self.config.seed, "loader", epoch),
+                          pin_memory=self.device.type == "cuda")
+
+    def _input(self, x: torch.Tensor, epoch: int | None = None, step: int = 0) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True).float()
+        if epoch is not None and self.config.augment != "none":
+            local = self.config.batch_size // self.dist.world_size
+            x = augment_batch(x, self.config.augment,
+                              generator(self.config.seed, "augment", epoch, step),
+                              self.dist.rank * local, self.config.batch_size)
+        x = self.preprocessing.normalize(x)
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """All-reduce a small CPU tensor across ranks (via the device for nccl); no-op alone."""
+        if not self.dist.enabled:
+            return t
+        import torch.distributed as td
+
+        reduce_op = td.ReduceOp.MAX if op == "max" else td.ReduceOp.SUM
+        if td.get_backend() == "nccl":
+            d = t.to(self.device)
+            td.all_reduce(d, op=reduce_op)
+            return d.cpu()
+        td.all_reduce(t, op=reduce_op)
+        return t
+
+    def _train_epoch(self, epoch: int, task) -> dict:
+        c = self.config
+        net = self.ddp if self.ddp is not None else self.net
+        self.model.train()
+        if self.gate is not None:
+            self.gate.train()
+        gated_on = self.gate is not None and epoch >= c.gate_warmup
+        weight_gated = (c.lam if c.method == "picnn" else c.lambda1) if gated_on else 0.0
+        weight_reg = c.lambda2 if (gated_on and c.method in ("cdcnn-r1p2", "cdcnn-r1p1")) else 0.0
+        names = TERM_NAMES[c.method]
+        steps = self.steps_per_epoch
+        total = steps * c.epochs
+        gated_total = steps * max(c.epochs - c.gate_warmup, 1)
+        local = c.batch_size // self.dist.world_size
+        sums = torch.zeros(8, dtype=torch.float64)  # loss, main, gated, reg, acc1, gacc, match, n
+        autocast = torch.autocast("cuda", dtype=torch.float16, enabled=bool(c.amp))
+        for step, (x, y) in enumerate(self._loader(epoch)):
+            gstep = epoch * steps + step
+            factor = _lr_factor(c.schedule, gstep, total)
+            for g in self._opt.param_groups:
+                g["lr"] = c.lr * factor
+            if self._gate_opt is not None:
+                for g in self._gate_opt.param_groups:
+                    g["lr"] = c.gate_lr * factor
+            if self.gate is not None:
+                self.gate.anneal((gstep - c.gate_warmup * steps) / max(gated_total - 1, 1)
+                                 if gated_on else 0.0)
+            x = self._input(x, epoch, step)
+            y = y.to(self.device, non_blocking=True)
+            noise = None
+            if self.gate is not None:
+                full = GateNoise.draw(generator(c.seed, "gate", epoch, step), c.batch_size,
+                                      self.channels)
+                start = self.dist.rank * local
+                noise = full.slice(start, start + local, self.device)
+            with autocast:
+                logits, gated, draw = net(x, y, noise)
+            logits = logits.float()
+            main = F.cross_entropy(logits, y)
+            zero = logits.new_zeros(())
+            gated_loss, reg, match = zero, zero, torch.ones((), device=self.device)
+            if gated is not None:
+                gated = gated.float()
+                per = F.cross_entropy(gated, y, reduction="none")
+                count = self._all_reduce(draw.weight.detach().sum().double().cpu().clone())
+                n_counted = float(count)
+                if n_counted > 0:
+                    gated_loss = (per * draw.weight).sum() * (self.dist.world_size / n_counted)
+                else:
+                    gated_loss = (per * draw.weight).sum()  # zero, keeps the graph connected
+                match = (draw.index == y).float().mean()
+                if weight_reg > 0:
+                    reg = self.gate.regularizer()
+            loss = main + weight_gated * gated_loss + weight_reg * reg
+            terms = [(names[0], main), (names[1] or "gated", gated_loss), (names[2] or "reg", reg)]
+            self._check_finite(terms, epoch, step)
+            self._opt.zero_grad(set_to_none=True)
+            if self._gate_opt is not None:
+                self._gate_opt.zero_grad(set_to_none=True)
+            self._scaler.scale(loss).backward()
+            if c.grad_clip:
+                self._scaler.unscale_(self._opt)
+                params = [p for p in self.model.parameters() if p.grad is not None]
+                if self._gate_opt is not None:
+                    self._scaler.unscale_(self._gate_opt)
+                    params += [p for p in self.gate.parameters() if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+            self._scaler.step(self._opt)
+            if self._gate_opt is not None and gated_on:
+                self._scaler.step(self._gate_opt)
+            self._scaler.update()
+            if self.gate is not None and gated_on:
+                self.gate.project_()
+            with torch.no_grad():
+                acc1 = (logits.argmax(1) == y).float().mean()
+                gacc = (gated.argmax(1) == y).float().mean() if gated is not None else zero
+                row = torch.stack([loss.detach(), main.detach(), gated_loss.detach(),
+                                   reg.detach(), acc1, gacc.float(), match.float(),
+                                   torch.ones((), device=self.device)]).double().cpu()
+            sums += row
+            task.advance(1)
+            task.update(loss=float(row[0]), acc=float(row[4]))
+        sums = self._all_reduce(sums)
+        n = max(float(sums[7]), 1.0)
+        avg = (sums / n).tolist()
+        has_gate = self.gate is not None
+        return {"loss": avg[0], "loss_main": avg[1],
+                "loss_gated": avg[2] if has_gate else float("nan"),
+                "loss_reg": avg[3] if weight_reg > 0 else float("nan"),
+                "train_acc1": avg[4], "train_gated_acc": avg[5] if has_gate else float("nan"),
+                "pseudo_match": avg[6] if has_gate else float("nan"),
+                "lr": c.lr * _lr_factor(c.schedule, (epoch + 1) * steps - 1, total),
+                "gate_lr": c.gate_lr * _lr_factor(c.schedule, (epoch + 1) * steps - 1, total)
+                if has_gate else float("nan")}
+
+    def _check_finite(self, terms, epoch: int, step: int) -> None:
+        values = [float(t.detach()) for _, t in terms]
+        flags = torch.tensor([0.0 if math.isfinite(v) else (2.0 if math.isnan(v) else 1.0)
+                              for v in values], dtype=torch.float64)
+        flags = self._all_reduce(flags, op="max")  # every rank stops at the same step
+        for (name, _), f in zip(terms, flags.tolist()):
+            if f > 0:
+                what = "NaN" if f == 2.0 else "infinite"
+                raise CnnexplainError(f"loss term {name} became {what} at epoch {epoch + 1} step "
+                                      f"{step + 1}; lower --lr / --gate-lr or enable --grad-clip")
+
+    @torch.no_grad()
+    def evaluate(self, data: Dataset | None) -> dict:
+        """Validation ACC1, and with a gate ACC2 (only the predicted class's cluster) and ACC3
+        (all but the true class's cluster) with the deterministic clusters (threshold)."""
+        if data is None or len(data) == 0:
+            return {"val_acc1": float("nan"), "val_acc2": float("nan"), "val_acc3": float("nan")}
+        self.model.eval()
+        idx = list(range(self.dist.rank, len(data), self.dist.world_size))
+        loader = DataLoader(Subset(data, idx), batch_size=max(self.config.batch_size, 64),
+                            collate_fn=_collate, num_workers=self.workers)
+        clusters = None
+        if self.gate is not None:
+            clusters = class_clusters(self.gate.matrix().detach().float(),
+                                      self.config.gate_threshold).to(self.device)
+        counts = torch.zeros(4, dtype=torch.float64)
+        autocast = torch.autocast("cuda", dtype=torch.float16, enabled=bool(self.config.amp))
+        for x, y in loader:
+            x = self._input(x)
+            y = y.to(self.device)
+            with autocast:
+                a, *extras = self.net.body(x)
+                logits = self.net.tail(a, *extras).float()
+                pred = logits.argmax(1)
+                c1 = (pred == y).sum()
+                c2 = c3 = torch.zeros((), device=self.device)
+                if clusters is not None:
+                    m2 = clusters[pred].float()
+                    m3 = (~clusters[y]).float()
+                    c2 = (self.net.tail(apply_mask(a, m2), *extras).argmax(1) == y).sum()
+                    c3 = (self.net.tail(apply_mask(a, m3), *extras).argmax(1) == y).sum()
+            counts += torch.stack([c1.double().cpu(), c2.double().cpu(), c3.double().cpu(),
+                                   torch.tensor(float(len(y)), dtype=torch.float64)])
+        counts = self._all_reduce(counts)
+        n = max(float(counts[3]), 1.0)
+        nan = float("nan")
+        return {"val_acc1": float(counts[0]) / n,
+                "val_acc2": float(counts[1]) / n if clusters is not None else nan,
+                "val_acc3": float(counts[2]) / n if clusters is not None else nan}
+
+    def _gate_stats(self) -> dict:
+        nan = float("nan")
+        if self.gate is None:
+            return {"gate_density": nan, "gate_l1_density": nan, "gate_peakedness": nan,
+                    "delta": nan}
+        delta = getattr(self.gate, "delta", None)
+        return {"gate_density": self.gate.density(), "gate_l1_density": self.gate.l1_density(),
+                "gate_peakedness": self.gate.peakedness(),
+                "delta": float(delta) if delta is not None else nan}
+
+    def _check_gate_consistent(self) -> None:
+        """Under torch.distributed: every rank must hold the same gate (all_gather + compare)."""
+        if not self.dist.enabled or self.gate is None:
+            return
+        import torch.distributed as td
+
+        m = self.gate.matrix().detach().float().contiguous()
+        got = [torch.empty_like(m) for _ in range(self.dist.world_size)]
+        td.all_gather(got, m)
+        if not all(torch.equal(got[0], g) for g in got[1:]):
+            raise CnnexplainError("the gate matrices of the ranks diverged",
+                                  "report this; re-run with a single process meanwhile")
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, progress=None, stop_after: int | None = None) -> TrainResult:
+        """Train from the start (or the resumed epoch) to ``config.epochs``; after every epoch
+        write ``checkpoint.pt`` (and ``best.pt`` when validation ACC1 improved) and
+        ``train_log.csv`` atomically (rank 0). ``stop_after``: return after that many epochs in
+        total (tests use it to emulate a killed run)."""
+        from cnnexplain.progress import silent
+
+        progress = progress or silent()
+        c = self.config
+        start = 0
+        best = {"epoch": 0, "val_acc1": None}
+        if self.resume_state is not None and "epoch" in self.resume_state:
+            start = int(self.resume_state["epoch"])
+            best = dict(self.resume_state.get("best") or best)
+            if self.resume_state.get("rng"):
+                set_rng_state(self.resume_state["rng"])
+        else:
+            torch.manual_seed(derive_seed(c.seed, "train-rng"))
+            np.random.seed(derive_seed(c.seed, "numpy") % (2 ** 32))
+            random.seed(derive_seed(c.seed, "python"))
+        end = c.epochs if stop_after is None else min(c.epochs, stop_after)
+        ckpt_path, best_path, log_path = self.out / CHECKPOINT, self.out / BEST, self.out / LOG
+        with progress(total=c.epochs, description=f"train-gated {c.method}") as outer:
+            outer.advance(start)
+            for epoch in range(start, end):
+                t0 = time.perf_counter()
+                with progress(total=self.steps_per_epoch, description=f"epoch {epoch + 1}") as task:
+                    row = self._train_epoch(epoch, task)
+                row.update(self.evaluate(self.val_data))
+                row.update(self._gate_stats())
+                self._check_gate_consistent()
+                row = {"epoch": epoch + 1, **row, "epoch_time_s": time.perf_counter() - t0}
+                row = {k: (float(row[k]) if k != "epoch" else int(row[k])) for k in LOG_COLUMNS}
+                self.log.append(row)
+                improved = best["val_acc1"] is None or (
+                    math.isfinite(row["val_acc1"]) and row["val_acc1"] > best["val_acc1"])
+                if self.val_data is None:
+                    improved = True
+                if improved:
+                    best = {"epoch": epoch + 1,
+                            "val_acc1": row["val_acc1"] if math.isfinite(row["val_acc1"]) else None}
+                if self.dist.is_main:
+                    self._write(epoch + 1, best, improved, ckpt_path, best_path, log_path)
+                if self.dist.enabled:
+                    import torch.distributed as td
+
+                    td.barrier()
+                outer.advance(1)
+                outer.update(loss=row["loss"], acc=row["train_acc1"],
+                             val=row["val_acc1"] if math.isfinite(row["val_acc1"]) else "-")
+        return TrainResult(model=self.model, gate=self.gate, layer=self.layer, log=self.log,
+                           best_epoch=int(best["epoch"]), best_val_acc1=best["val_acc1"],
+                           checkpoint=ckpt_path, best=best_path, log_path=log_path,
+                           meta=self.meta(), resumed_from=start, stopped_early=end < c.epochs)
+
+    def _write(self, epoch: int, best: dict, improved: bool, ckpt_path: Path, best_path: Path,
+               log_path: Path) -> None:
+        import pandas as pd
+
+        from cnnexplain.io import write_csv
+
+        meta = self.meta()
+        meta["epoch"] = epoch
+        state = {k: v for k, v in self.model.state_dict().items()}
+        gate = self._gate_tensors()
+        if improved:
+            save_checkpoint(best_path, Checkpoint(meta={**meta, "selected": "best val ACC1"},
+                                                  state_dict=state, gate=gate))
+        save_checkpoint(ckpt_path, Checkpoint(meta=meta, state_dict=state, gate=gate,
+                                              train_state=self._train_state(epoch, best)))
+        write_csv(log_path, pd.DataFrame(self.log, columns=LOG_COLUMNS))
+
+
+def _check_resume(config: TrainConfig, recorded: dict) -> None:
+    """``--resume`` continues only the run the checkpoint belongs to: every option that changes
+    the math must be the same."""
+    now = config.to_dict()
+    for key, value in recorded.items():
+        if key in RESUME_IGNORED or key not in now:
+            continue
+        if key == "num_classes" and not now[key]:
+            continue
+        if now[key] != value:
+            flag = "--" + key.replace("_", "-")
+            if key == "lam":
+                flag = "--lambda"
+            raise UsageError(f"--resume: {flag} {now[key]!r} differs from the checkpoint's "
+                             f"{value!r}", f"resume with the options the run was started with "
+                             f"({flag} {value})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs besides the checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def save_gate_heatmap(matrix: torch.Tensor, class_names: list[str], path: str | Path,
+                      title: str = "") -> Path:
+    """Heatmap PNG of the membership ``[K, C]``, channels (rows) sorted by their argmax class
+    then by decreasing membership; written atomically (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cnnexplain.io import atomic_path
+    from cnnexplain.models.gates import sort_channels
+
+    m = matrix.detach().float().cpu()
+    order = sort_channels(m)
+    k, c = m.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * c + 2.5), min(12.0, 3.0 + 0.02 * k)), dpi=100)
+    im = ax.imshow(m[order].numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                   interpolation="nearest")
+    ax.set_xticks(range(c))
+    ax.set_xticklabels([str(n) for n in class_names][:c] + [str(i) for i in range(len(class_names), c)],
+                       rotation=45, ha="right")
+    ax.set_ylabel(f"channel ({k}, sorted by class)")
+    ax.set_xlabel("class")
+    ax.set_title(title or "gate membership")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def gate_cache_parts(model_fingerprint: str, layer: str, method: str, config: dict) -> dict:
+    """Cache key parts of a trained gate (kind ``gate``)."""
+    return {"model": model_fingerprint, "layer": layer, "method": method, "source": "train-gated",
+            "training": {k: v for k, v in config.items() if k not in RESUME_IGNORED}}

@@ -1,0 +1,255 @@
+"""The training loop: resume equivalence, NaN handling, each method's constraint after training,
+deterministic data order, and every method x backbone end to end (tiny data, 1 epoch)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from cnnexplain.data.preprocessing import Preprocessing
+from cnnexplain.data.synthetic import SyntheticDataset, WorldConfig
+from cnnexplain.errors import CnnexplainError, UsageError
+from cnnexplain.models.checkpoint import load_checkpoint
+from cnnexplain.models.gates import METHODS
+from cnnexplain.training import (LOG_COLUMNS, EpochBatches, TrainConfig, Trainer, _lr_factor,
+                                 epoch_order)
+
+PREP = Preprocessing()
+
+
+def world(n=64, seed=0):
+    cfg = WorldConfig.from_spec(f"synthetic:n={n},nval=16,ntest=16,res=32,seed={seed}")
+    return SyntheticDataset(cfg, "train"), SyntheticDataset(cfg, "val")
+
+
+def prepare(tmp_path, name="run", train=None, val=None, **kw):
+    train, val = (train, val) if train is not None else world()
+    kw.setdefault("backbone", "smallcnn")
+    kw.setdefault("batch_size", 16)
+    kw.setdefault("epochs", 2)
+    cfg = TrainConfig(**kw)
+    return Trainer.prepare(cfg, train, val, class_names=train.class_names, preprocessing=PREP,
+                           out=tmp_path / name, overwrite=True)
+
+
+def tensors(path):
+    """Every tensor of a checkpoint file: weights, gate, optimizer states."""
+    ck = load_checkpoint(path)
+    out = {f"state/{k}": v for k, v in ck.state_dict.items()}
+    out.update({f"gate/{k}": v for k, v in ck.gate.items()})
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            out[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}/{i}", v)
+
+    for key in ("optimizer", "gate_optimizer"):
+        walk(key, ck.train_state.get(key))
+    return out, ck
+
+
+@pytest.mark.parametrize("method", ["picnn", "cdcnn-r1p1"])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, method):
+    full = prepare(tmp_path, "full", method=method, epochs=3)
+    full.run()
+    part = prepare(tmp_path, "part", method=method, epochs=3)
+    first = part.run(stop_after=1)          # a run killed after its first epoch
+    assert first.stopped_early and len(first.log) == 1
+    resumed = Trainer.prepare(TrainConfig(backbone="smallcnn", batch_size=16, epochs=3,
+                                          method=method), *world(),
+                              class_names=world()[0].class_names, preprocessing=PREP,
+                              out=tmp_path / "part", resume=True)
+    result = resumed.run()
+    assert result.resumed_from == 1 and [r["epoch"] for r in result.log] == [1, 2, 3]
+    a, ck_a = tensors(tmp_path / "full" / "checkpoint.pt")
+    b, ck_b = tensors(tmp_path / "part" / "checkpoint.pt")
+    assert a.keys() == b.keys() and len(a) > 20
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert ck_a.train_state["epoch"] == ck_b.train_state["epoch"] == 3
+    def strip(log):  # NaN-aware (NaN marks columns a method has not), wall time dropped
+        return [{k: ("nan" if isinstance(v, float) and math.isnan(v) else v)
+                 for k, v in r.items() if k != "epoch_time_s"} for r in log]
+
+    assert strip(ck_a.train_state["log"]) == strip(ck_b.train_state["log"])
+
+
+def test_resume_refuses_other_options_and_missing_checkpoint(tmp_path):
+    prepare(tmp_path, "r", method="picnn", epochs=2).run(stop_after=1)
+    train, val = world()
+    with pytest.raises(UsageError, match="--lambda 3.0 differs"):
+        Trainer.prepare(TrainConfig(backbone="smallcnn", batch_size=16, epochs=2, lam=3.0), train,
+                        val, class_names=train.class_names, preprocessing=PREP,
+                        out=tmp_path / "r", resume=True)
+    with pytest.raises(UsageError, match="nothing to resume"):
+        Trainer.prepare(TrainConfig(backbone="smallcnn", batch_size=16), train, val,
+                        class_names=train.class_names, preprocessing=PREP, out=tmp_path / "none",
+                        resume=True)
+    with pytest.raises(UsageError, match="already holds"):
+        Trainer.prepare(TrainConfig(backbone="smallcnn", batch_size=16), train, val,
+                        class_names=train.class_names, preprocessing=PREP, out=tmp_path / "r")
+
+
+class _Poisoned(Dataset):
+    """A dataset whose images turn into NaN once ``poison`` is set."""
+
+    def __init__(self, base):
+        self.base = base
+        self.class_names = base.class_names
+        self.poison = False
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        item = dict(self.base[i])
+        if self.poison:
+            item["image"] = torch.full_like(item["image"], float("nan"))
+        return item
+
+
+def test_nan_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    train, val = world()
+    poisoned = _Poisoned(train)
+    cfg = dict(backbone="smallcnn", batch_size=16, epochs=3, method="picnn")
+    t = Trainer.prepare(TrainConfig(**cfg), poisoned, val, class_names=train.class_names,
+                        preprocessing=PREP, out=tmp_path / "nan", overwrite=True, workers=1)
+    t.run(stop_after=1)
+    ckpt = tmp_path / "nan" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    poisoned.poison = True
+    t2 = Trainer.prepare(TrainConfig(**cfg), poisoned, val, class_names=train.class_names,
+                         preprocessing=PREP, out=tmp_path / "nan", resume=True, workers=1)
+    with pytest.raises(CnnexplainError) as err:
+        t2.run()
+    assert str(err.value) == ("loss term L_dis became NaN at epoch 2 step 1; lower --lr / "
+                              "--gate-lr or enable --grad-clip")
+    assert ckpt.read_bytes() == before
+    assert load_checkpoint(ckpt).train_state["epoch"] == 1
+
+
+def test_nan_in_the_gated_term_names_it(tmp_path, monkeypatch):
+    from cnnexplain.models import gates
+
+    real = gates.PICNNGate.draw
+
+    def bad(self, logits, labels, noise):
+        d = real(self, logits, labels, noise)
+        d.mask = d.mask * float("nan")
+        return d
+
+    monkeypatch.setattr(gates.PICNNGate, "draw", bad)
+    t = prepare(tmp_path, "nan2", method="picnn", epochs=1)
+    with pytest.raises(CnnexplainError, match=r"^loss term L_int became NaN at epoch 1 step 1;"):
+        t.run()
+    assert not (tmp_path / "nan2" / "checkpoint.pt").exists()
+
+
+def test_huge_learning_rate_diverges_into_the_nan_error(tmp_path):
+    t = prepare(tmp_path, "div", method="cdcnn-r1p2", optimizer="sgd", lr=1e30, momentum=0.0,
+                weight_decay=0.0, epochs=2)
+    with pytest.raises(CnnexplainError, match=r"became (NaN|infinite) at epoch \d step \d+; lower"):
+        t.run()
+
+
+def test_constraints_hold_after_training(tmp_path):
+    t = prepare(tmp_path, "r1p2", method="cdcnn-r1p2", epochs=2)
+    r = t.run()
+    w = r.gate.matrix().detach()
+    assert w.min() >= 0 and w.max() <= 1
+    assert torch.allclose(w.max(1).values, torch.ones(w.shape[0]))
+    t = prepare(tmp_path, "r0p1", method="cdcnn-r0p1", epochs=2, delta_end=0.005)
+    w = t.run().gate.matrix().detach()
+    assert torch.allclose(w.sum(1), torch.ones(w.shape[0]), atol=1e-5)
+    # annealed to one-hot rows (a row whose two largest Ω are within δ of each other may still
+    # be split between two classes)
+    assert (w.max(1).values > 0.99).float().mean() > 0.9
+    log = t.log[-1]
+    assert abs(log["delta"] - 0.005) < 1e-6 and log["gate_peakedness"] > 0.95
+
+
+def test_log_columns_and_checkpoints(tmp_path):
+    import pandas as pd
+
+    r = prepare(tmp_path, "log", method="picnn", epochs=2).run()
+    frame = pd.read_csv(r.log_path)
+    assert list(frame.columns) == LOG_COLUMNS and list(frame["epoch"]) == [1, 2]
+    assert frame["loss_gated"].notna().all() and frame["gate_peakedness"].between(0, 1).all()
+    assert frame["lr"].iloc[-1] < frame["lr"].iloc[0]  # cosine
+    ck = load_checkpoint(r.checkpoint)
+    assert ck.meta["gate"]["kind"] == "picnn" and ck.meta["gate"]["layer"] == "features"
+    assert tuple(ck.gate["P"].shape) == (6, 64) and "Theta" in ck.gate
+    best = load_checkpoint(r.best)
+    assert best.train_state is None and best.meta["epoch"] == r.best_epoch
+    assert math.isfinite(r.best_val_acc1)
+
+
+def test_data_order_depends_only_on_seed_and_epoch_and_ranks_partition_the_batch():
+    assert torch.equal(epoch_order(50, 3, 2), epoch_order(50, 3, 2))
+    assert not torch.equal(epoch_order(50, 3, 2), epoch_order(50, 3, 1))
+    single = list(EpochBatches(50, 8, seed=1, epoch=0))
+    r0 = list(EpochBatches(50, 8, seed=1, epoch=0, rank=0, world=2))
+    r1 = list(EpochBatches(50, 8, seed=1, epoch=0, rank=1, world=2))
+    assert len(single) == 6  # drop_last
+    for s, a, b in zip(single, r0, r1):
+        assert s == a + b
+    assert _lr_factor("cosine", 0, 100) == 1.0 and abs(_lr_factor("cosine", 99, 100) - 0.001) < 1e-12
+    assert _lr_factor("constant", 50, 100) == 1.0
+
+
+def test_validation_errors_before_anything_is_written(tmp_path):
+    train, val = world(n=20)
+    with pytest.raises(UsageError, match="fewer than --batch-size"):
+        Trainer.prepare(TrainConfig(backbone="smallcnn", batch_size=64), train, val,
+                        class_names=train.class_names, preprocessing=PREP, out=tmp_path / "x")
+    with pytest.raises(UsageError, match="--num-classes 3 does not match"):
+        Trainer.prepare(TrainConfig(backbone="smallcnn", batch_size=4, num_classes=3), train, val,
+                        class_names=train.class_names, preprocessing=PREP, out=tmp_path / "x")
+    with pytest.raises(UsageError, match="--gate-warmup"):
+        TrainConfig(epochs=2, gate_warmup=2).validate()
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("backbone", ["smallcnn", "resnet18", "vgg11_bn", "mobilenet_v2"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_on_every_backbone(tmp_path, backbone, method):
+    train, val = world(n=32)
+    t = prepare(tmp_path, f"{backbone}-{method}", train=train, val=val, backbone=backbone,
+                method=method, epochs=1, batch_size=16)
+    r = t.run()
+    row = r.log[-1]
+    assert math.isfinite(row["loss"]) and 0 <= row["train_acc1"] <= 1
+    if method != "std":
+        assert math.isfinite(row["loss_gated"]) and 0 <= row["val_acc3"] <= 1
+        K = r.gate.matrix().shape[0]
+        assert r.gate.matrix().shape == (K, 6)
+    assert r.checkpoint.exists() and r.best.exists()
+
+
+def test_insert_conv_gates_the_new_filters(tmp_path):
+    r = prepare(tmp_path, "ins", method="picnn", insert_conv=12, epochs=1).run()
+    assert r.gate.matrix().shape == (12, 6)
+    ck = load_checkpoint(r.checkpoint)
+    assert ck.meta["insert_conv"] == 12 and "features.12.weight" in ck.state_dict
+
+
+def test_augmentation_is_a_function_of_the_global_batch_draws():
+    from cnnexplain.training import augment_batch, generator
+
+    x = torch.rand(8, 3, 16, 16)
+    full = augment_batch(x, "flip-crop", generator(0, "augment", 1, 2))
+    halves = torch.cat([augment_batch(x[:4], "flip-crop", generator(0, "augment", 1, 2), 0, 8),
+                        augment_batch(x[4:], "flip-crop", generator(0, "augment", 1, 2), 4, 8)])
+    assert torch.equal(full, halves)  # what a rank computes for its slice
+    assert not torch.equal(full, x) and full.shape == x.shape
+    flipped = augment_batch(x, "flip", generator(0, "augment", 1, 2))
+    assert all(torch.equal(f, a) or torch.equal(f, a.flip(-1)) for f, a in zip(flipped, x))
+    assert torch.equal(augment_batch(x, "none", generator(0)), x)
