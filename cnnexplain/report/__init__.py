@@ -1,0 +1,1 @@
+"""The report: what the other commands wrote, as terminal tables, summary.csv and one HTML page."""

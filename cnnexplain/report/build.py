@@ -1,0 +1,128 @@
+"""Build the report: collect each run, write report/summary.csv, PNG plots and index.html
+(atomically, index.html last), and return what was written for the terminal tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from cnnexplain import __version__
+from cnnexplain.io import write_bytes, write_csv, write_text
+from cnnexplain.report import html as H
+from cnnexplain.report import plots
+from cnnexplain.report.collect import RunResults, collect
+from cnnexplain.report.summary import metric_matrix, summary_frame
+
+
+@dataclass
+class Report:
+    runs: list[RunResults]
+    summary: pd.DataFrame
+    metrics: pd.DataFrame | None
+    index: Path
+    files: list[Path]
+
+
+def _dissect_matrix(runs: list[RunResults]) -> pd.DataFrame | None:
+    cols = {}
+    for r in runs:
+        d = r.dissect_summary
+        if d is not None and {"category", "detector_units"} <= set(d.columns):
+            if "layer" in d:
+                d = d[d["layer"] == d["layer"].iloc[-1]]
+            d = d[d["category"].astype(str) != "all"]
+            cols[r.name] = d.set_index("category")["detector_units"]
+    return pd.DataFrame(cols) if cols else None
+
+
+def build_report(run_dirs: list[Path], out: Path, notice: Callable[[str], None] = lambda m: None,
+                 progress=None) -> Report:
+    """``run_dirs`` -> ``out/report/{summary.csv, index.html, *.png}``."""
+    runs = [collect(d, notice) for d in run_dirs]
+    names = [r.name for r in runs]
+    for i, r in enumerate(runs):  # make run names unique for columns
+        if names.count(r.name) > 1:
+            r.name = f"{r.name}#{i + 1}"
+    rdir = Path(out) / "report"
+    files: list[Path] = []
+
+    def save_png(name: str, data: bytes | None) -> bytes | None:
+        if data is not None:
+            write_bytes(rdir / name, data)
+            files.append(rdir / name)
+        return data
+
+    summary = summary_frame(runs)
+    write_csv(rdir / "summary.csv", summary)
+    files.append(rdir / "summary.csv")
+    metrics = metric_matrix(runs)
+
+    sections: list[tuple[str, str, str]] = []
+    show = summary.drop(columns=["path"], errors="ignore")
+    sections.append(("summary", "Summary", H.table(show) +
+                     "<p class=\"muted\">One row per run; the same table is report/summary.csv.</p>"))
+    if metrics is not None:
+        chart = save_png("entanglement.png", plots.grouped_bars(
+            metrics.loc[[m for m in metrics.index if str(m).upper().startswith(("ACC", "MIS"))]]
+            if any(str(m).upper().startswith(("ACC", "MIS")) for m in metrics.index) else metrics,
+            "entanglement metrics by run", "value"))
+        sections.append(("entanglement", "Channel-class entanglement",
+                         H.table(metrics.reset_index().rename(columns={"index": "metric"})) +
+                         H.img(chart, "entanglement metrics by run")))
+    train_body = ""
+    for r in runs:
+        if r.train_log is None and r.gate_png is None:
+            continue
+        curves = save_png(f"training-{_slug(r.name)}.png",
+                          plots.training_curves(r.train_log, f"{r.name}: training"))
+        train_body += (f"<h3>{H.esc(r.name)}</h3><div class=\"row\">"
+                       f"{H.img(curves, r.name + ' training curves')}"
+                       f"{H.img(r.gate_png, r.name + ' gate matrix')}</div>")
+    sections.append(("training", "Training", train_body))
+    sal = ""
+    for r in runs:
+        if r.saliency_eval is None and r.saliency_grid is None:
+            continue
+        sal += (f"<h3>{H.esc(r.name)}</h3>{H.table(r.saliency_eval)}"
+                f"{H.img(r.saliency_grid, r.name + ' saliency grid')}")
+    sections.append(("saliency", "Saliency", sal))
+    dis = ""
+    dmatrix = _dissect_matrix(runs)
+    if dmatrix is not None and len(runs) > 1:
+        dis += H.img(save_png("dissection.png", plots.grouped_bars(
+            dmatrix, "detector units per category", "units")), "detectors per category by run")
+    for r in runs:
+        if r.dissect_summary is None and r.dissect_tally is None:
+            continue
+        top = None
+        if r.dissect_tally is not None and "score" in r.dissect_tally:
+            keep = [c for c in ("unit", "category", "label", "score") if c in r.dissect_tally]
+            top = r.dissect_tally.sort_values("score", ascending=False)[keep].head(20)
+        dis += (f"<h3>{H.esc(r.name)}</h3><div class=\"row\">"
+                + "".join(H.img(p, r.name + " detectors") for p in r.dissect_pngs)
+                + f"</div>{H.table(r.dissect_summary)}<h3>Top units</h3>{H.table(top)}"
+                + (f"<h3>Concepts per class cluster</h3>{H.table(r.dissect_clusters)}"
+                   if r.dissect_clusters is not None else ""))
+    sections.append(("dissection", "Network Dissection", dis))
+    tc = ""
+    for r in runs:
+        if r.tcav is None:
+            continue
+        tc += (f"<h3>{H.esc(r.name)}</h3>{H.img(r.tcav_png, r.name + ' TCAV scores')}"
+               f"{H.table(r.tcav, highlight_significant=True)}")
+    sections.append(("tcav", "TCAV", tc))
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = H.page("cnnexplain report", f"{len(runs)} run(s): {', '.join(r.name for r in runs)} "
+                  f"- cnnexplain {__version__} - {stamp}", sections)
+    index = rdir / "index.html"
+    write_text(index, page)
+    files.append(index)
+    return Report(runs=runs, summary=summary, metrics=metrics, index=index, files=files)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:60] or "run"

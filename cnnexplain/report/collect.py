@@ -1,0 +1,101 @@
+"""Read everything a run directory holds. A missing section is simply absent (None); a file
+that cannot be parsed is skipped with a notice, never an error."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+
+@dataclass
+class RunResults:
+    """The results found in one run directory (each attribute None when absent)."""
+
+    path: Path
+    name: str
+    manifest: dict = field(default_factory=dict)
+    train_log: pd.DataFrame | None = None
+    gate_png: Path | None = None
+    entanglement: pd.DataFrame | None = None
+    entanglement_per_class: pd.DataFrame | None = None
+    saliency_eval: pd.DataFrame | None = None
+    saliency_grid: Path | None = None
+    dissect_summary: pd.DataFrame | None = None
+    dissect_tally: pd.DataFrame | None = None
+    dissect_pngs: list[Path] = field(default_factory=list)
+    dissect_clusters: pd.DataFrame | None = None
+    tcav: pd.DataFrame | None = None
+    tcav_png: Path | None = None
+
+    @property
+    def sections(self) -> list[str]:
+        found = []
+        if self.train_log is not None or self.gate_png is not None:
+            found.append("training")
+        if self.entanglement is not None:
+            found.append("entanglement")
+        if self.saliency_eval is not None or self.saliency_grid is not None:
+            found.append("saliency")
+        if self.dissect_summary is not None or self.dissect_tally is not None:
+            found.append("dissection")
+        if self.tcav is not None:
+            found.append("tcav")
+        return found
+
+    def command(self, name: str) -> dict:
+        return (self.manifest.get("commands") or {}).get(name) or {}
+
+    def model(self) -> dict:
+        """The model of the latest command that recorded one (train-gated first)."""
+        for cmd in ("train-gated", "evaluate-entanglement", "saliency", "dissect", "tcav"):
+            m = self.command(cmd).get("model")
+            if isinstance(m, dict):
+                return m
+        return {}
+
+
+def _csv(path: Path, notice: Callable[[str], None]) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        notice(f"skipped {path}: not a readable CSV ({' '.join(str(exc).split())[:80]})")
+        return None
+
+
+def _png(path: Path) -> Path | None:
+    return path if path.is_file() and path.stat().st_size > 0 else None
+
+
+def collect(run_dir: str | Path, notice: Callable[[str], None] = lambda m: None) -> RunResults:
+    """Read ``run_dir``: run.json, train_log.csv, gate.png, entanglement*.csv, saliency/,
+    dissect/ and tcav/ (see cnnexplain.runs for the layout)."""
+    run_dir = Path(run_dir)
+    res = RunResults(path=run_dir, name=run_dir.resolve().name)
+    manifest = run_dir / "run.json"
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                res.manifest = data
+        except (OSError, ValueError):
+            notice(f"skipped {manifest}: not valid JSON")
+    res.train_log = _csv(run_dir / "train_log.csv", notice)
+    res.gate_png = _png(run_dir / "gate.png")
+    res.entanglement = _csv(run_dir / "entanglement.csv", notice)
+    res.entanglement_per_class = _csv(run_dir / "entanglement_per_class.csv", notice)
+    res.saliency_eval = _csv(run_dir / "saliency" / "evaluation.csv", notice)
+    res.saliency_grid = _png(run_dir / "saliency" / "grid.png")
+    res.dissect_summary = _csv(run_dir / "dissect" / "summary.csv", notice)
+    res.dissect_tally = _csv(run_dir / "dissect" / "tally.csv", notice)
+    res.dissect_clusters = _csv(run_dir / "dissect" / "clusters.csv", notice)
+    d = run_dir / "dissect"
+    res.dissect_pngs = sorted(p for p in d.glob("detectors-*.png") if _png(p)) if d.is_dir() else []
+    res.tcav = _csv(run_dir / "tcav" / "tcav.csv", notice)
+    res.tcav_png = _png(run_dir / "tcav" / "tcav.png")
+    return res

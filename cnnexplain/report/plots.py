@@ -1,0 +1,74 @@
+"""Plots for the report (matplotlib, Agg backend): PNG bytes, saved next to index.html and
+embedded in it."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+
+
+def _fig():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    plt = _fig()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def training_curves(log: pd.DataFrame, title: str) -> bytes | None:
+    """Loss terms and accuracies per epoch from a train_log.csv frame."""
+    if log is None or "epoch" not in log or not len(log):
+        return None
+    losses = [c for c in log.columns if c.startswith("loss") and log[c].notna().any()]
+    accs = [c for c in log.columns if "acc" in c and log[c].notna().any()]
+    extra = [c for c in ("gate_density", "gate_peakedness") if c in log and log[c].notna().any()]
+    panels = [p for p in (losses, accs, extra) if p]
+    if not panels:
+        return None
+    plt = _fig()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False,
+                             layout="constrained")
+    names = {id(losses): "loss", id(accs): "accuracy", id(extra): "gate"}
+    for ax, cols in zip(axes[0], panels):
+        for c in cols:
+            ax.plot(log["epoch"], log[c], marker="o", ms=3, label=c)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_title(names[id(cols)])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def grouped_bars(matrix: pd.DataFrame, title: str, ylabel: str) -> bytes | None:
+    """Bars: one group per row of ``matrix``, one bar per column (run)."""
+    if matrix is None or matrix.empty:
+        return None
+    matrix = matrix.apply(pd.to_numeric, errors="coerce")
+    plt = _fig()
+    n_rows, n_cols = matrix.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * n_rows * max(1, n_cols) * 0.5 + 2), 3.4))
+    width = 0.8 / max(1, n_cols)
+    x = np.arange(n_rows)
+    for j, col in enumerate(matrix.columns):
+        ax.bar(x + j * width - 0.4 + width / 2, matrix[col].fillna(0).to_numpy(), width,
+               label=str(col))
+    ax.set_xticks(x)
+    ax.set_xticklabels([str(i) for i in matrix.index], rotation=0, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _png(fig)
