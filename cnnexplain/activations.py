@@ -226,6 +226,15 @@ def _compute(model: nn.Module, parts: dict, dataset, n: int, key: str, cache: Ca
                                          "choose a layer the model uses")
                     rows = {names[layer]: pool_activation(acts[layer], pool).float().cpu().numpy()
                             for layer in layers}
+                    bad = [layer for layer in layers if not np.isfinite(rows[names[layer]]).all()]
+                    if bad:
+                        if writer is not None:
+                            writer.abort()
+                            writer = None
+                        raise CnnexplainError(
+                            f"the model's activations at layer {bad[0]!r} contain NaN or Inf",
+                            "check the checkpoint (a diverged training run?) and the inputs; "
+                            "nothing was cached")
                     rows["labels"] = batch["label"].reshape(-1).to(torch.int64).cpu().numpy()
                     if writer is None:
                         writer = open_writer({name: (a.shape[1:], a.dtype)

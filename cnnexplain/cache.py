@@ -77,6 +77,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import os
 import re
@@ -616,7 +617,7 @@ class StreamWriter:
                                       **_storage(full, dtype, self.block_rows))
                 _set_attrs(ds, {**self._dataset_attrs.get(name, {}), "rows": self.total_rows})
             f.flush()
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             with contextlib.suppress(Exception):
                 f.close()
             raise self.cache._oserror(exc, self.partial) from None
@@ -676,7 +677,7 @@ class StreamWriter:
             f.flush()  # data first ...
             f.attrs.modify("rows_done", r1)
             f.flush()  # ... then the marker that says it is there
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             raise self.cache._oserror(exc, self.partial) from None
         self.rows_done = r1
         self._buffered -= n
@@ -700,7 +701,7 @@ class StreamWriter:
                 os.fsync(fh.fileno())
             os.replace(self.partial, self.path)
             _fsync_dir(self.path.parent)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
             self.close()
             raise self.cache._oserror(exc, self.path) from None
         try:
@@ -830,10 +831,16 @@ class Cache:
 
     # -- errors -------------------------------------------------------------------------------
     def _oserror(self, exc: OSError, path: Path) -> CnnexplainError:
-        """An OSError while writing ``path`` as one line naming the cache directory."""
+        """An OSError while writing ``path`` as one line naming the cache directory (HDF5
+        reports failed writes as RuntimeError with ``errno = N`` in its text)."""
         store = self._store()
-        if exc.errno == errno.ENOSPC:
-            return CnnexplainError(f"no space left on device for the cache at {store} "
+        if not isinstance(exc, OSError):
+            m = re.search(r"errno = (\d+)", str(exc))
+            if m is None:
+                raise exc
+            exc = OSError(int(m.group(1)), os.strerror(int(m.group(1))))
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return CnnexplainError(f"no space left (or file size limit) for the cache at {store} "
                                    f"(writing {path})", "free some disk space, pass --cache-dir "
                                    "on another disk, or use --no-cache")
         if isinstance(exc, (NotADirectoryError, FileExistsError)) or exc.errno in (
@@ -1043,16 +1050,23 @@ class Cache:
         header["complete"] = 1
         with self.lock(kind, key, timeout=self.lock_timeout):
             cleanup_stale_tmp(path.parent)
-            with atomic_path(path) as tmp:
-                with h5py.File(tmp, "w", locking=False) as f:
-                    _set_attrs(f, header)
-                    for name, (arr, dtype) in stored.items():
-                        dtype = dtype or arr.dtype
-                        block = _block_rows([(arr.shape[1:], np.dtype(arr.dtype))])
-                        ds = f.create_dataset(name, data=arr, dtype=dtype,
-                                              **_storage(arr.shape, np.dtype(dtype), block))
-                        rows = {"rows": arr.shape[0]} if arr.ndim else {}
-                        _set_attrs(ds, {**dataset_attrs.get(name, {}), **rows})
+            # built in memory, then written with plain file I/O: a full disk surfaces as a
+            # clean OSError (one line, temporary removed) instead of an HDF5 flush failure
+            buf = io.BytesIO()
+            with h5py.File(buf, "w", locking=False) as f:
+                _set_attrs(f, header)
+                for name, (arr, dtype) in stored.items():
+                    dtype = dtype or arr.dtype
+                    block = _block_rows([(arr.shape[1:], np.dtype(arr.dtype))])
+                    ds = f.create_dataset(name, data=arr, dtype=dtype,
+                                          **_storage(arr.shape, np.dtype(dtype), block))
+                    rows = {"rows": arr.shape[0]} if arr.ndim else {}
+                    _set_attrs(ds, {**dataset_attrs.get(name, {}), **rows})
+            try:
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(buf.getbuffer())
+            except CnnexplainError as exc:
+                raise CnnexplainError(f"{exc.problem} (cache at {self._store()})", exc.fix) from None
         return path
 
     def get_or_compute(self, kind: str, parts: dict,

@@ -21,8 +21,10 @@ TMP_PREFIX = ".cnnexplain-tmp-"
 
 
 def _explain_oserror(exc: OSError, path: Path) -> CnnexplainError:
-    if exc.errno == errno.ENOSPC:
-        return CnnexplainError(f"no space left on device while writing {path}",
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        what = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EFBIG: "file size limit reached"}[exc.errno]
+        return CnnexplainError(f"{what} while writing {path}",
                                "free some disk space or choose another --out / --cache-dir")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CnnexplainError(f"cannot write {path}: permission denied",

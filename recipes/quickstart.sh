@@ -9,8 +9,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 recipe="$here/quickstart.yaml"
 out=${1:-runs/quickstart}
-images=${QUICKSTART_IMAGES:-1200}
-epochs=${QUICKSTART_EPOCHS:-6}
+images=${QUICKSTART_IMAGES:-900}
+epochs=${QUICKSTART_EPOCHS:-5}
 broden=${QUICKSTART_BRODEN:-240}
 backbone=${QUICKSTART_BACKBONE:-resnet18}
 # concept folders come from the same world without the planted correlations, class-balanced,

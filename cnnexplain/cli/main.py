@@ -60,8 +60,13 @@ def main(argv: list[str] | None = None) -> None:
         rv = command.main(args=args, prog_name="cnnexplain", standalone_mode=False)
         if isinstance(rv, int):
             code = rv
+        if code == 130:  # Typer turns Ctrl-C into Exit(130), which click returns here
+            _say("interrupted; nothing partial was written (results are written atomically)")
     except click.Exit as exc:
         code = exc.exit_code
+        if isinstance(exc.__cause__, KeyboardInterrupt):  # Typer turns Ctrl-C into Exit(130)
+            _say("interrupted; nothing partial was written (results are written atomically)")
+            code = 130
     except click.Abort:
         _say("interrupted; nothing partial was written (results are written atomically)")
         code = 130

@@ -189,9 +189,13 @@ class Outcome:
 def execute(p: Plan, cache=None, progress=None) -> Outcome:
     """Predictions (for pred / topk targets), maps for every method (cached), evaluation."""
     loaded = p.loaded
-    logits = None
-    if p.target.needs_predictions:
-        logits = predictions(loaded.model, p.images.images, p.device, p.batch_size, progress)
+    # the model's outputs are always checked before any map is computed or cached
+    logits = predictions(loaded.model, p.images.images, p.device, p.batch_size, progress)
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).any(dim=1).sum())
+        raise CnnexplainError(f"the model outputs NaN or Inf for {bad} of {len(logits)} images",
+                              "check the checkpoint (a diverged training run?) and the inputs; "
+                              "nothing was written")
     image_index, targets, rank = p.target.resolve(logits, p.images.labels, len(p.images))
     explainer = Explainer(model=loaded.model, images=p.images.images, context=p.context,
                           device=p.device, batch_size=p.batch_size, layer=p.layer,
