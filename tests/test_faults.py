@@ -52,7 +52,7 @@ def test_ctrl_c_exits_within_seconds_with_one_line_and_nothing_corrupt(tmp_path)
     proc.send_signal(signal.SIGINT)
     t0 = time.time()
     stdout, stderr = proc.communicate(timeout=60)
-    assert time.time() - t0 < 10
+    assert time.time() - t0 < 30  # seconds, even on a loaded 2-core machine
     assert proc.returncode == 130, (proc.returncode, stderr)
     lines = [l for l in stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in stderr, (stdout, stderr)
