@@ -45,10 +45,11 @@ def _no_temporaries(root: Path) -> list[Path]:
 def test_ctrl_c_exits_within_seconds_with_one_line_and_nothing_corrupt(tmp_path):
     out = tmp_path / "out"
     proc = _popen(["evaluate-entanglement", "--backbone", "smallcnn", "--dataset", WORLD,
-                   "--split", "test", "--score-steps", "2000", "--out", out], tmp_path)
+                   "--split", "test", "--score-steps", "1000000", "--out", out], tmp_path)
     # wait until the network has run (activations are in the cache), then interrupt
     assert _wait_for(tmp_path / "cache" / "activations", "*.h5", proc), proc.communicate()
     time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     t0 = time.time()
     stdout, stderr = proc.communicate(timeout=60)
