@@ -53,7 +53,7 @@ from cnnexplain.errors import CnnexplainError, UsageError
 from cnnexplain.models import zoo
 from cnnexplain.models.checkpoint import (Checkpoint, load_checkpoint, save_checkpoint)
 from cnnexplain.models.gates import (METHODS, Gate, GateNoise, GatedNetwork, apply_mask,
-                                     class_clusters, make_gate)
+                                     class_clusters, make_gate, SAMPLES)
 from cnnexplain.models.layers import get_module, split_at
 from cnnexplain.models.network import insert_conv
 from cnnexplain.runtime import Dist
@@ -63,14 +63,18 @@ BEST = "best.pt"
 LOG = "train_log.csv"
 
 LOG_COLUMNS = ["epoch", "loss", "loss_main", "loss_gated", "loss_reg", "train_acc1",
-               "train_gated_acc", "pseudo_match", "val_acc1", "val_acc2", "val_acc3",
+               "train_gated_acc", "pseudo_match", "gated_follows_mask", "val_acc1", "val_acc2", "val_acc3",
                "gate_density", "gate_l1_density", "gate_peakedness", "delta", "lr", "gate_lr",
                "epoch_time_s"]
 """``train_log.csv`` columns. ``loss_main``: CE of the full pathway (seed 000's ``CE(y, ŷ)``,
 seed 004's ``L_dis``); ``loss_gated``: CE of the gated pathway (``CE(y, ŷ_W)`` / ``L_int``);
 ``loss_reg``: ``||W||_{1,2}``; ``loss``: the weighted total. ``train_gated_acc``: accuracy of
 the gated pathway on the training masks; ``pseudo_match``: fraction of samples whose mask row
-was their true class; ``val_acc2`` / ``val_acc3``: validation accuracy with only the predicted
+was their true class; ``gated_follows_mask``: fraction of samples whose gated prediction is the
+class of their mask row (the label-leakage diagnostic of ../shared/reference/gated-training.md:
+near 1 while the mask row is often wrong, or above ``train_acc1`` with true-label gates, means
+the gated pathway reads the answer off the mask pattern rather than off the channels);
+``val_acc2`` / ``val_acc3``: validation accuracy with only the predicted
 class's cluster / without the true class's cluster (deterministic clusters, threshold);
 ``gate_peakedness``: mean over channels of the largest class share of the channel's row."""
 
@@ -120,6 +124,7 @@ class TrainConfig:
     gate_temperature: float = DEFAULTS["gate_temperature"]
     gate_threshold: float = DEFAULTS["gate_threshold"]
     gate_label: str = "true"
+    gate_samples: str = "matched"
     gate_warmup: int = 0
     val_fraction: float = 0.1
     augment: str = "none"
@@ -174,6 +179,9 @@ class TrainConfig:
             (self.gate_label in ("true", "pseudo"),
              f"--gate-label must be true or pseudo, got {self.gate_label!r}",
              "pass --gate-label true (seed 000) or pseudo (seed 004's remedy)"),
+            (self.gate_samples in SAMPLES,
+             f"--gate-samples must be one of {', '.join(SAMPLES)}, got {self.gate_samples!r}",
+             "pass --gate-samples matched (the reference code) or all (seed 004's L_int)"),
             (0 <= self.gate_warmup < self.epochs or (self.method == "std" and self.gate_warmup >= 0),
              f"--gate-warmup {self.gate_warmup} must be less than --epochs {self.epochs}",
              "lower --gate-warmup or raise --epochs"),
@@ -192,7 +200,7 @@ class TrainConfig:
     def gate_hparams(self) -> dict:
         return {"delta_start": self.delta_start, "delta_end": self.delta_end,
                 "temperature": self.gate_temperature, "threshold": self.gate_threshold,
-                "label_source": self.gate_label}
+                "label_source": self.gate_label, "samples": self.gate_samples}
 
 
 AUGMENTATIONS = ("none", "flip", "flip-crop")
@@ -385,14 +393,7 @@ def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
     elif w == "imagenet":
         model = zoo.build(config.backbone, num_classes=num_classes, imagenet=True)
     else:
-        state = zoo.safe_load_state_dict(w)
-        found = zoo.infer_num_classes(state, spec)
-        if found is None:
-            raise CnnexplainError(f"weights file {w} has no {spec.classifier}.weight, so it is not "
-                                  f"a {config.backbone} state_dict",
-                                  "pass the --backbone the weights were saved from")
-        model = zoo.build(config.backbone, num_classes=found)
-        zoo.load_state_dict_into(model, state, config.backbone, f"weights file {w}")
+        model, _ = zoo.build_from_weights_file(config.backbone, w)
         zoo.replace_classifier(model, spec, num_classes)
     get_module(model, layer)
     if config.insert_conv:
@@ -684,7 +685,8 @@ class Trainer:
         total = steps * c.epochs
         gated_total = steps * max(c.epochs - c.gate_warmup, 1)
         local = c.batch_size // self.dist.world_size
-        sums = torch.zeros(8, dtype=torch.float64)  # loss, main, gated, reg, acc1, gacc, match, n
+        sums = torch.zeros(9, dtype=torch.float64)  # loss, main, gated, reg, acc1, gacc, match,
+        #                                             follows-mask, n
         autocast = torch.autocast("cuda", dtype=torch.float16, enabled=bool(c.amp))
         for step, (x, y) in enumerate(self._loader(epoch)):
             gstep = epoch * steps + step
@@ -711,6 +713,7 @@ class Trainer:
             main = F.cross_entropy(logits, y)
             zero = logits.new_zeros(())
             gated_loss, reg, match = zero, zero, torch.ones((), device=self.device)
+            follows = zero
             if gated is not None:
                 gated = gated.float()
                 per = F.cross_entropy(gated, y, reduction="none")
@@ -721,6 +724,7 @@ class Trainer:
                 else:
                     gated_loss = (per * draw.weight).sum()  # zero, keeps the graph connected
                 match = (draw.index == y).float().mean()
+                follows = (gated.detach().argmax(1) == draw.index).float().mean()
                 if weight_reg > 0:
                     reg = self.gate.regularizer()
             loss = main + weight_gated * gated_loss + weight_reg * reg
@@ -748,12 +752,13 @@ class Trainer:
                 gacc = (gated.argmax(1) == y).float().mean() if gated is not None else zero
                 row = torch.stack([loss.detach(), main.detach(), gated_loss.detach(),
                                    reg.detach(), acc1, gacc.float(), match.float(),
-                                   torch.ones((), device=self.device)]).double().cpu()
+                                   follows.float(), torch.ones((), device=self.device)]
+                                  ).double().cpu()
             sums += row
             task.advance(1)
             task.update(loss=float(row[0]), acc=float(row[4]))
         sums = self._all_reduce(sums)
-        n = max(float(sums[7]), 1.0)
+        n = max(float(sums[8]), 1.0)
         avg = (sums / n).tolist()
         has_gate = self.gate is not None
         return {"loss": avg[0], "loss_main": avg[1],
@@ -761,6 +766,7 @@ class Trainer:
                 "loss_reg": avg[3] if weight_reg > 0 else float("nan"),
                 "train_acc1": avg[4], "train_gated_acc": avg[5] if has_gate else float("nan"),
                 "pseudo_match": avg[6] if has_gate else float("nan"),
+                "gated_follows_mask": avg[7] if has_gate else float("nan"),
                 "lr": c.lr * _lr_factor(c.schedule, (epoch + 1) * steps - 1, total),
                 "gate_lr": c.gate_lr * _lr_factor(c.schedule, (epoch + 1) * steps - 1, total)
                 if has_gate else float("nan")}

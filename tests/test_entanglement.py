@@ -178,6 +178,17 @@ def test_second_evaluation_does_not_run_the_network(checkpoints, tmp_path):
     assert first.summary() == second.summary()
 
 
+def test_evaluation_hands_the_network_back_in_its_mode(checkpoints, tmp_path):
+    loaded = load_model(checkpoint=checkpoints["std"])
+    test = open_dataset(WORLD, "test", loaded.preprocessing)
+    loaded.model.train()
+    evaluate_entanglement(loaded, test, cache=None, draws=1, scores=False)
+    assert loaded.model.training and all(m.training for m in loaded.model.modules())
+    loaded.model.eval()
+    evaluate_entanglement(loaded, test, cache=None, draws=1, scores=False)
+    assert not loaded.model.training
+
+
 def test_sum_and_mean_pooling_give_the_same_mis(checkpoints, tmp_path):
     loaded = load_model(checkpoint=checkpoints["cdcnn-r1p2"], preprocessing=Preprocessing(resize=48))
     test = open_dataset(WORLD, "test", loaded.preprocessing)

@@ -149,6 +149,27 @@ def test_cdcnn_draw_uses_true_label_column_or_pseudo_label():
     assert torch.equal(d.weight, torch.tensor([0.0, 1.0]))
 
 
+def test_gate_samples_all_counts_every_sample_with_the_same_masks():
+    """seed 004's L_int = H(y, y_2) over all samples (``samples="all"``) vs the reference
+    code's matched-only weighting: same pseudo-labels and masks, only the weights differ."""
+    logits = torch.tensor([[10.0, 0, 0], [0, 10.0, 0], [0, 0, 10.0], [10.0, 0, 0]])
+    labels = torch.tensor([0, 1, 0, 2])
+    for make in (lambda **kw: PICNNGate(12, 3, init_scale=2.0, **kw),
+                 lambda **kw: R1P2Gate(12, 3, label_source="pseudo", **kw)):
+        torch.manual_seed(11)
+        matched = make()
+        torch.manual_seed(11)
+        every = make(samples="all")
+        noise = GateNoise.draw(torch.Generator().manual_seed(3), 4, 12)
+        dm, da = matched.draw(logits, labels, noise), every.draw(logits, labels, noise)
+        assert torch.equal(dm.index, da.index) and torch.equal(dm.mask, da.mask)
+        assert torch.equal(dm.weight, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+        assert torch.equal(da.weight, torch.ones(4))
+        assert every.describe()["samples"] == "all"
+    with pytest.raises(UsageError, match="--gate-samples"):
+        PICNNGate(4, 2, samples="some")
+
+
 class _Body(nn.Module):
     def __init__(self):
         super().__init__()

@@ -192,6 +192,24 @@ def test_log_columns_and_checkpoints(tmp_path):
     assert math.isfinite(r.best_val_acc1)
 
 
+def test_leakage_diagnostics_in_the_log(tmp_path):
+    """``gated_follows_mask``: with true-label gates the mask row is the label, so it equals the
+    gated accuracy exactly; with pseudo-labels it is a share in [0, 1] and ``pseudo_match`` says
+    how often the row was the label. ``--gate-samples all`` trains with every sample counted and
+    is recorded in the checkpoint's gate description."""
+    r = prepare(tmp_path, "true", method="cdcnn-r1p2", epochs=1).run()
+    row = r.log[-1]
+    assert row["pseudo_match"] == 1.0
+    assert row["gated_follows_mask"] == row["train_gated_acc"]
+    r = prepare(tmp_path, "all", method="picnn", epochs=1, gate_samples="all").run()
+    row = r.log[-1]
+    assert 0 <= row["gated_follows_mask"] <= 1 and 0 < row["pseudo_match"] < 1
+    ck = load_checkpoint(r.checkpoint)
+    assert ck.meta["gate"]["samples"] == "all"
+    with pytest.raises(UsageError, match="--gate-samples must be one of matched, all"):
+        TrainConfig(gate_samples="some").validate()
+
+
 def test_data_order_depends_only_on_seed_and_epoch_and_ranks_partition_the_batch():
     assert torch.equal(epoch_order(50, 3, 2), epoch_order(50, 3, 2))
     assert not torch.equal(epoch_order(50, 3, 2), epoch_order(50, 3, 1))

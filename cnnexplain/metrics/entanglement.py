@@ -446,17 +446,27 @@ def _cached_score(cache, name: str, parts: dict, compute: Callable[[], Entanglem
                              per_class=per_class, hparams=dict(a.get("hparams") or {}))
 
 
-def evaluate_entanglement(loaded, dataset, *, layer: str | None = None, pool: str = "mean",
-                          draws: int = 10, threshold: float | None = None, scores: bool = True,
-                          score_steps: int = 300, score_lr: float = 0.1, mu: float = 0.5,
-                          seed: int = 0, batch_size: int = 64, workers: int = 0,
-                          device: torch.device | str = "cpu", cache=None, progress=None
-                          ) -> EntanglementReport:
+def evaluate_entanglement(loaded, dataset, **kw) -> EntanglementReport:
     """Measure channel-class entanglement of ``loaded`` (a LoadedModel) at ``layer`` on
     ``dataset``: features from the activation cache (the network runs once per model, data and
     preprocessing), R0 / R1 solutions from the gate cache, ACC1/2/3 through the tail, MIS on the
     pooled features. The clusters come from the model's learned gate when it is at ``layer``,
-    else from R0's one-hot solution (post hoc)."""
+    else from R0's one-hot solution (post hoc). Keyword options as :func:`_evaluate`. The
+    network runs in eval mode and is handed back in the mode it came in."""
+    model = loaded.model
+    was_training = model.training
+    try:
+        return _evaluate(loaded, dataset, **kw)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(loaded, dataset, *, layer: str | None = None, pool: str = "mean",
+              draws: int = 10, threshold: float | None = None, scores: bool = True,
+              score_steps: int = 300, score_lr: float = 0.1, mu: float = 0.5,
+              seed: int = 0, batch_size: int = 64, workers: int = 0,
+              device: torch.device | str = "cpu", cache=None, progress=None
+              ) -> EntanglementReport:
     import numpy as np
 
     from cnnexplain.activations import compute_activations

@@ -32,7 +32,9 @@ The gated forward multiplies the layer's maps by a per-image channel mask ``[B, 
 - PICNN (seed 004): a pseudo-label ``ỹ ~ Cat(softmax(y_1))`` drawn with the straight-through
   reparameterization of eq. 8-9, the row ``p = ỹ^T P``, and ``z ~ Ber(p)`` drawn with the
   reparameterization of eq. 5-6 (``z = p + eta``, ``eta`` constant: binary forward, identity
-  backward). Only samples with ``ỹ == y`` count in ``L_int`` (as the reference code does).
+  backward). By default only samples with ``ỹ == y`` count in ``L_int`` (as the reference code
+  does); ``samples="all"`` (``--gate-samples all``) counts every sample, as seed 004's
+  ``L_int = H(y, y_2)`` reads (:meth:`Gate._weight`).
 
 Checkpoints store the effective matrix as ``gate["W"]`` ``[K, C]`` (cdcnn-*) or ``gate["P"]``
 ``[C, K]`` (picnn) plus the raw parameters needed to resume (``Omega``, ``Theta``, ``delta``,
@@ -49,6 +51,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnexplain.errors import CnnexplainError, UsageError
+
+SAMPLES = ("matched", "all")
+"""Which samples count in the gated loss under pseudo-labels (see :meth:`Gate._weight`)."""
 
 DEFAULT_THRESHOLD = 0.5
 """Membership above which a channel belongs to a class's cluster (``W > t`` / ``P > t``)."""
@@ -133,7 +138,7 @@ class Gate(nn.Module):
     description: str = ""
 
     def __init__(self, channels: int, classes: int, threshold: float = DEFAULT_THRESHOLD,
-                 label_source: str = "true", **hparams):
+                 label_source: str = "true", samples: str = "matched", **hparams):
         super().__init__()
         if channels < 1 or classes < 2:
             raise UsageError(f"a class-specific gate needs at least 1 channel and 2 classes, got "
@@ -142,8 +147,12 @@ class Gate(nn.Module):
         if label_source not in ("true", "pseudo"):
             raise UsageError(f"--gate-label must be 'true' or 'pseudo', got {label_source!r}",
                              "pass --gate-label true (seed 000) or pseudo (seed 004's remedy)")
+        if samples not in SAMPLES:
+            raise UsageError(f"--gate-samples must be one of {', '.join(SAMPLES)}, got {samples!r}",
+                             "pass --gate-samples all (seed 004's L_int) or matched (its code)")
         self.channels = int(channels)
         self.classes = int(classes)
+        self.samples = samples
         self.threshold = float(threshold)
         self.label_source = label_source
         self.hparams = dict(hparams)
@@ -173,10 +182,18 @@ class Gate(nn.Module):
         if self.label_source == "pseudo":
             onehot, index = categorical_st(torch.softmax(logits.float(), dim=1), noise.xi)
             mask = onehot @ self.matrix().t()
-            weight = (index == labels).float()
-            return GateDraw(mask=mask, weight=weight, index=index)
+            return GateDraw(mask=mask, weight=self._weight(index, labels), index=index)
         mask = self.mask(labels)
         return GateDraw(mask=mask, weight=torch.ones_like(labels, dtype=mask.dtype), index=labels)
+
+    def _weight(self, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Which samples count in the gated loss when the mask row is a pseudo-label ``index``:
+        all of them (``samples="all"``, seed 004's ``L_int = H(y, y_2)``: a mask row that is
+        not the true class must still lead to ``y``, so the mask pattern alone cannot give the
+        answer) or only those with ``index == labels`` (``"matched"``, the reference code)."""
+        if self.samples == "all":
+            return torch.ones_like(labels, dtype=torch.float32)
+        return (index == labels).float()
 
     # -- statistics --------------------------------------------------------------------------
     @torch.no_grad()
@@ -225,7 +242,8 @@ class Gate(nn.Module):
 
     def describe(self) -> dict:
         return {"kind": self.kind, "channels": self.channels, "classes": self.classes,
-                "threshold": self.threshold, "label_source": self.label_source, **self.hparams}
+                "threshold": self.threshold, "label_source": self.label_source,
+                "samples": self.samples, **self.hparams}
 
 
 def _rescale_rows_(omega: torch.Tensor) -> None:
@@ -377,7 +395,7 @@ class PICNNGate(Gate):
         onehot, index = categorical_st(torch.softmax(logits.float(), dim=1), noise.xi)  # eq. 8-9
         p = onehot @ self.probabilities()                                              # [B, N]
         z = bernoulli_st(p, noise.eps)                                                 # eq. 5-6
-        return GateDraw(mask=z, weight=(index == labels).float(), index=index)
+        return GateDraw(mask=z, weight=self._weight(index, labels), index=index)
 
     def raw_tensors(self) -> dict[str, torch.Tensor]:
         return {"Theta": self.Theta, "temperature": self.temperature}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cnnexplain.data.preprocessing import Preprocessing
-from cnnexplain.errors import CnnexplainError, UsageError
+from cnnexplain.errors import UsageError
 from cnnexplain.fingerprint import digest_parts, state_dict_digest
 from cnnexplain.models import zoo
 from cnnexplain.models.checkpoint import load_checkpoint
@@ -109,18 +109,10 @@ def load_model(checkpoint: str | Path | None = None, backbone: str | None = None
             model = zoo.build(backbone, num_classes=n, imagenet=True)
             source = "imagenet"
         else:
-            state = zoo.safe_load_state_dict(weights)
-            found = zoo.infer_num_classes(state, spec)
-            if found is None:
-                raise CnnexplainError(f"weights file {weights} has no {spec.classifier}.weight, "
-                                      f"so it is not a {backbone} state_dict",
-                                      "pass the --backbone the weights were saved from")
-            if num_classes is not None and int(num_classes) != found:
+            model, n = zoo.build_from_weights_file(backbone, weights)
+            if num_classes is not None and int(num_classes) != n:
                 raise UsageError(f"--num-classes {num_classes} does not match the weights, which "
-                                 f"have {found} classes", f"pass --num-classes {found} or leave it out")
-            n = found
-            model = zoo.build(backbone, num_classes=n)
-            zoo.load_state_dict_into(model, state, backbone, f"weights file {weights}")
+                                 f"have {n} classes", f"pass --num-classes {n} or leave it out")
             source = f"weights:{weights}"
         layer = layer or spec.default_layer
         prep = preprocessing or Preprocessing()

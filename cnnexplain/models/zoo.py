@@ -158,3 +158,17 @@ def load_state_dict_into(model: nn.Module, state: dict, name: str, source: str) 
 def infer_num_classes(state: dict, spec: BackboneSpec) -> int | None:
     w = state.get(spec.classifier + ".weight")
     return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+
+
+def build_from_weights_file(name: str, path: str | os.PathLike) -> tuple[nn.Module, int]:
+    """Backbone ``name`` with the weights of a state_dict file (read without unpickling code),
+    with as many outputs as the file's classifier: ``(model, num_classes)``."""
+    spec = get_spec(name)
+    state = safe_load_state_dict(path)
+    found = infer_num_classes(state, spec)
+    if found is None:
+        raise CnnexplainError(f"weights file {path} has no {spec.classifier}.weight, so it is not "
+                              f"a {name} state_dict", "pass the --backbone the weights were saved from")
+    model = build(name, num_classes=found)
+    load_state_dict_into(model, state, name, f"weights file {path}")
+    return model, found
