@@ -53,7 +53,8 @@ from cnnexplain.errors import CnnexplainError, UsageError
 from cnnexplain.models import zoo
 from cnnexplain.models.checkpoint import (Checkpoint, load_checkpoint, save_checkpoint)
 from cnnexplain.models.gates import (METHODS, Gate, GateNoise, GatedNetwork, apply_mask,
-                                     class_clusters, make_gate, SAMPLES)
+                                     class_clusters, make_gate, SAMPLES,
+                                     GATED_TAILS)
 from cnnexplain.models.layers import get_module, split_at
 from cnnexplain.models.network import insert_conv
 from cnnexplain.runtime import Dist
@@ -125,6 +126,7 @@ class TrainConfig:
     gate_threshold: float = DEFAULTS["gate_threshold"]
     gate_label: str = "true"
     gate_samples: str = "matched"
+    gated_tail: str = "shared"
     gate_warmup: int = 0
     val_fraction: float = 0.1
     augment: str = "none"
@@ -179,6 +181,9 @@ class TrainConfig:
             (self.gate_label in ("true", "pseudo"),
              f"--gate-label must be true or pseudo, got {self.gate_label!r}",
              "pass --gate-label true (seed 000) or pseudo (seed 004's remedy)"),
+            (self.gated_tail in GATED_TAILS,
+             f"--gated-tail must be one of {', '.join(GATED_TAILS)}, got {self.gated_tail!r}",
+             "pass --gated-tail shared (the seeds) or frozen"),
             (self.gate_samples in SAMPLES,
              f"--gate-samples must be one of {', '.join(SAMPLES)}, got {self.gate_samples!r}",
              "pass --gate-samples matched (the reference code) or all (seed 004's L_int)"),
@@ -563,7 +568,7 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         if gate is not None:
             gate.to(device)
-        net = GatedNetwork(split.body, split.tail, gate).to(device)
+        net = GatedNetwork(split.body, split.tail, gate, config.gated_tail).to(device)
         item_bytes = image.numel() * 4
         total = len(train) + (len(val) if val is not None else 0)
         memo = workers == 0 and item_bytes * total <= MEMO_BYTES

@@ -198,6 +198,33 @@ def test_gated_network_runs_the_body_once_and_masks_the_tail_input():
     assert none1 is None and none2 is None and torch.allclose(plain, logits, atol=1e-6)
 
 
+def test_frozen_gated_tail_trains_body_and_gate_but_not_the_tail():
+    """``gated_tail="frozen"``: same gated logits as ``shared``; the gated loss's gradient reaches
+    the body and the gate and not the tail's parameters."""
+    torch.manual_seed(12)
+    body = _Body()
+    tail = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    x = torch.randn(5, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    grads = {}
+    for mode in ("shared", "frozen"):
+        torch.manual_seed(13)
+        gate = R1P2Gate(4, 3)
+        net = GatedNetwork(body, tail, gate, gated_tail=mode)
+        net.zero_grad(set_to_none=True)
+        _, gated, _ = net(x, y, GateNoise.draw(torch.Generator(), 5, 4))
+        gated.sum().backward()
+        grads[mode] = (gated.detach(), tail[2].weight.grad, body.conv.weight.grad.clone(),
+                       gate.W.grad.clone())
+    assert torch.equal(grads["shared"][0], grads["frozen"][0])
+    assert grads["shared"][1] is not None and grads["frozen"][1] is None
+    for i in (2, 3):
+        assert torch.allclose(grads["shared"][i], grads["frozen"][i], atol=1e-6)
+        assert grads["frozen"][i].abs().sum() > 0
+    with pytest.raises(UsageError, match="--gated-tail"):
+        GatedNetwork(body, tail, None, gated_tail="detached")
+
+
 def test_state_tensors_round_trip_and_checkpoint_keys():
     torch.manual_seed(10)
     for kind, cls in GATES.items():

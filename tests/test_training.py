@@ -208,6 +208,8 @@ def test_leakage_diagnostics_in_the_log(tmp_path):
     assert ck.meta["gate"]["samples"] == "all"
     with pytest.raises(UsageError, match="--gate-samples must be one of matched, all"):
         TrainConfig(gate_samples="some").validate()
+    with pytest.raises(UsageError, match="--gated-tail must be one of shared, frozen"):
+        TrainConfig(gated_tail="detached").validate()
 
 
 def test_data_order_depends_only_on_seed_and_epoch_and_ranks_partition_the_batch():

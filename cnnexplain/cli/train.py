@@ -42,7 +42,8 @@ only) inside the joint loss; --gate-label pseudo gives them PICNN's remedy. trai
 measures the shortcut: gated_follows_mask is the share of samples whose gated prediction is the
 class of their mask row. Near 1.0 (above pseudo_match) means the gated pathway reads the mask,
 not the channels; on the synthetic world it reaches 1.0 for picnn and cdcnn-r1p2 alike and MIS
-barely moves (README, "Known limitations"). The full pathway, trained on the same step without
+barely moves (README, "Known limitations"); --gated-tail frozen keeps the gated loss off the
+layers after the gate, which raised picnn's MIS there. The full pathway, trained on the same step without
 any mask, cannot use the shortcut, so ACC1 stays close to std's.
 
 [bold]Gate collapse[/]: a constant gate under max-normalization stays all-ones, and P trained at
@@ -121,6 +122,10 @@ def train_gated(
         "count in the gated loss: matched (pseudo-label == label, the reference code) or all "
         "(seed 004's L_int; a wrong mask row must still lead to y, so the mask pattern cannot "
         "leak the answer).", rich_help_panel=METHOD)] = "matched",
+    gated_tail: Annotated[str, typer.Option(
+        "--gated-tail", help="shared: the gated loss also trains the layers after the gate (the "
+        "seeds); frozen: it trains only the layers up to the gate and the gate, so the tail cannot "
+        "learn to read the mask pattern.", rich_help_panel=METHOD)] = "shared",
     gate_warmup: Annotated[int, typer.Option(
         "--gate-warmup", min=0, help="Epochs of plain training before the gated pathway starts.",
         rich_help_panel=METHOD)] = 0,
@@ -176,7 +181,7 @@ def train_gated(
         schedule=schedule, grad_clip=grad_clip, gate_lr=gate_lr, lambda1=lambda1,
         lambda2=lambda2, lam=lam, delta_start=delta_start, delta_end=delta_end,
         gate_temperature=gate_temperature, gate_threshold=gate_threshold, gate_label=gate_label,
-        gate_samples=gate_samples,
+        gate_samples=gate_samples, gated_tail=gated_tail,
         gate_warmup=gate_warmup, val_fraction=val_fraction, augment=augment, seed=seed, amp=amp,
         channels_last=channels_last)
     config.validate()

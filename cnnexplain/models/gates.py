@@ -53,6 +53,8 @@ from torch import nn
 from cnnexplain.errors import CnnexplainError, UsageError
 
 SAMPLES = ("matched", "all")
+GATED_TAILS = ("shared", "frozen")
+"""Whether the gated pathway's loss trains the tail (``shared``) or not (``frozen``)."""
 """Which samples count in the gated loss under pseudo-labels (see :meth:`Gate._weight`)."""
 
 DEFAULT_THRESHOLD = 0.5
@@ -445,11 +447,27 @@ class GatedNetwork(nn.Module):
     Parameters are shared with the network the split was made from.
     """
 
-    def __init__(self, body: nn.Module, tail: nn.Module, gate: Gate | None):
+    def __init__(self, body: nn.Module, tail: nn.Module, gate: Gate | None,
+                 gated_tail: str = "shared"):
         super().__init__()
+        if gated_tail not in GATED_TAILS:
+            raise UsageError(f"--gated-tail must be one of {', '.join(GATED_TAILS)}, got "
+                             f"{gated_tail!r}", "pass --gated-tail shared or --gated-tail frozen")
         self.body = body
         self.tail = tail
         self.gate = gate
+        self.gated_tail = gated_tail
+
+    def _gated(self, a: torch.Tensor, extras) -> torch.Tensor:
+        """The tail on the masked maps; with ``gated_tail="frozen"`` the gated loss reaches the
+        body and the gate but not the tail's parameters (they get gradients from the full
+        pathway only), so the tail cannot learn to read the mask pattern."""
+        if self.gated_tail == "shared":
+            return self.tail(a, *extras)
+        from torch.func import functional_call
+
+        params = {k: v.detach() for k, v in self.tail.named_parameters()}
+        return functional_call(self.tail, params, (a, *extras))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
                 noise: GateNoise | None = None):
@@ -458,7 +476,7 @@ class GatedNetwork(nn.Module):
         if self.gate is None or labels is None or noise is None:
             return logits, None, None
         draw = self.gate.draw(logits, labels, noise)
-        gated = self.tail(apply_mask(a, draw.mask), *extras)
+        gated = self._gated(apply_mask(a, draw.mask), extras)
         return logits, gated, draw
 
 
