@@ -40,11 +40,11 @@ model's own prediction, never from y; by default only samples whose pseudo-label
 row must still lead to y. cdcnn-* follow seed 000 and gate with the true label (in training
 only) inside the joint loss; --gate-label pseudo gives them PICNN's remedy. train_log.csv
 measures the shortcut: gated_follows_mask is the share of samples whose gated prediction is the
-class of their mask row. Near 1.0 (above pseudo_match) means the gated pathway reads the mask,
-not the channels; on the synthetic world it reaches 1.0 for picnn and cdcnn-r1p2 alike and MIS
-barely moves (README, "Known limitations"); --gated-tail frozen keeps the gated loss off the
-layers after the gate, which raised picnn's MIS there. The full pathway, trained on the same step without
-any mask, cannot use the shortcut, so ACC1 stays close to std's.
+class of their mask row; near 1.0 (above pseudo_match) the gated answer is set by which channels
+the mask keeps, not by the image. On the synthetic world it is 1.0 for every gated run and MIS
+barely moves with the seeds' settings; --gated-tail frozen keeps the gated loss off the layers
+after the gate, which raised picnn's MIS there (README, "Known limitations"). The full pathway,
+trained on the same step without any mask, cannot use the shortcut, so ACC1 stays close to std's.
 
 [bold]Gate collapse[/]: a constant gate under max-normalization stays all-ones, and P trained at
 lr 1e-3 stays uniform (random "clusters"). Here W / Ω start random, the gate has its own Adam
