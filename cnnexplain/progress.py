@@ -8,13 +8,15 @@ import sys
 from typing import Iterable, Iterator
 
 from rich.console import Console
+
+from cnnexplain.interrupt import check as _check_interrupt
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
 
 class _NullTask:
     def advance(self, n: float = 1) -> None:
-        pass
+        _check_interrupt()
 
     def update(self, **fields) -> None:
         pass
@@ -26,6 +28,7 @@ class _Task:
         self._id = task_id
 
     def advance(self, n: float = 1) -> None:
+        _check_interrupt()
         self._progress.advance(self._id, n)
 
     def update(self, **fields) -> None:

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from cnnexplain import __version__
+from cnnexplain import __version__, interrupt
 from cnnexplain.cli import _click as click
 from cnnexplain.errors import CnnexplainError
 from cnnexplain.recipes import expand_recipe
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     origin: dict = {}
     try:
         args, origin = expand_recipe(command, args)
-        rv = command.main(args=args, prog_name="cnnexplain", standalone_mode=False)
+        with interrupt.installed():
+            rv = command.main(args=args, prog_name="cnnexplain", standalone_mode=False)
         if isinstance(rv, int):
             code = rv
         if code == 130:  # Typer turns Ctrl-C into Exit(130), which click returns here
