@@ -121,7 +121,9 @@ def test_r1_is_ce_plus_mu_density_with_binary_rows():
     assert set(r1.W.unique().tolist()) <= {0.0, 1.0}
     assert (r1.W.max(1).values == 1).all()  # every channel serves at least one class
     assert r1.score == pytest.approx(r1.ce + 0.5 * r1.density)
-    assert 1 / 3 - 1e-6 <= r1.density <= 1
+    # sparse, not all-ones: planted class-specific channels need about one class each
+    # (measured 0.36-0.42 over seeds 0-2); an all-ones gate would be 1
+    assert 1 / 3 - 1e-6 <= r1.density <= 0.5
 
 
 def test_gate_statistics():
