@@ -8,10 +8,10 @@ import sys
 from typing import Iterable, Iterator
 
 from rich.console import Console
-
-from cnnexplain.interrupt import check as _check_interrupt
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
+
+from cnnexplain.interrupt import check as _check_interrupt
 
 
 class _NullTask:

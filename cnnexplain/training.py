@@ -52,9 +52,8 @@ from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.errors import CnnexplainError, UsageError
 from cnnexplain.models import zoo
 from cnnexplain.models.checkpoint import (Checkpoint, load_checkpoint, save_checkpoint)
-from cnnexplain.models.gates import (METHODS, Gate, GateNoise, GatedNetwork, apply_mask,
-                                     class_clusters, make_gate, SAMPLES,
-                                     GATED_TAILS)
+from cnnexplain.models.gates import (GATED_TAILS, METHODS, SAMPLES, Gate, GateNoise,
+                                     GatedNetwork, apply_mask, class_clusters, make_gate)
 from cnnexplain.models.layers import get_module, split_at
 from cnnexplain.models.network import insert_conv
 from cnnexplain.runtime import Dist
@@ -64,9 +63,9 @@ BEST = "best.pt"
 LOG = "train_log.csv"
 
 LOG_COLUMNS = ["epoch", "loss", "loss_main", "loss_gated", "loss_reg", "train_acc1",
-               "train_gated_acc", "pseudo_match", "gated_follows_mask", "val_acc1", "val_acc2", "val_acc3",
-               "gate_density", "gate_l1_density", "gate_peakedness", "delta", "lr", "gate_lr",
-               "epoch_time_s"]
+               "train_gated_acc", "pseudo_match", "gated_follows_mask", "val_acc1", "val_acc2",
+               "val_acc3", "gate_density", "gate_l1_density", "gate_peakedness", "delta", "lr",
+               "gate_lr", "epoch_time_s"]
 """``train_log.csv`` columns. ``loss_main``: CE of the full pathway (seed 000's ``CE(y, ŷ)``,
 seed 004's ``L_dis``); ``loss_gated``: CE of the gated pathway (``CE(y, ŷ_W)`` / ``L_int``);
 ``loss_reg``: ``||W||_{1,2}``; ``loss``: the weighted total. ``train_gated_acc``: accuracy of
@@ -718,7 +717,6 @@ class Trainer:
             main = F.cross_entropy(logits, y)
             zero = logits.new_zeros(())
             gated_loss, reg, match = zero, zero, torch.ones((), device=self.device)
-            follows = zero
             if gated is not None:
                 gated = gated.float()
                 per = F.cross_entropy(gated, y, reduction="none")
@@ -729,7 +727,6 @@ class Trainer:
                 else:
                     gated_loss = (per * draw.weight).sum()  # zero, keeps the graph connected
                 match = (draw.index == y).float().mean()
-                follows = (gated.detach().argmax(1) == draw.index).float().mean()
                 if weight_reg > 0:
                     reg = self.gate.regularizer()
             loss = main + weight_gated * gated_loss + weight_reg * reg
@@ -754,11 +751,14 @@ class Trainer:
                 self.gate.project_()
             with torch.no_grad():
                 acc1 = (logits.argmax(1) == y).float().mean()
-                gacc = (gated.argmax(1) == y).float().mean() if gated is not None else zero
+                gacc = follows = zero
+                if gated is not None:
+                    gated_pred = gated.argmax(1)
+                    gacc = (gated_pred == y).float().mean()
+                    follows = (gated_pred == draw.index).float().mean()
                 row = torch.stack([loss.detach(), main.detach(), gated_loss.detach(),
-                                   reg.detach(), acc1, gacc.float(), match.float(),
-                                   follows.float(), torch.ones((), device=self.device)]
-                                  ).double().cpu()
+                                   reg.detach(), acc1, gacc, match.float(), follows,
+                                   torch.ones((), device=self.device)]).double().cpu()
             sums += row
             task.advance(1)
             task.update(loss=float(row[0]), acc=float(row[4]))

@@ -20,7 +20,6 @@ Exit code 0 when every check passes, 1 otherwise. Re-running reuses finished run
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-RECIPE = Path(os.environ.get("KNOWN_ANSWER_RECIPE", HERE / "known-answer-gating.yaml"))
+RECIPE = HERE / "known-answer-gating.yaml"
 RUNS = {"std": ["--method", "std"], "picnn": ["--method", "picnn"],
         "cdcnn-r1p2": ["--method", "cdcnn-r1p2"],
         "picnn-all": ["--method", "picnn", "--gate-samples", "all"],
@@ -65,7 +64,8 @@ def run_one(out: Path, options: list[str], seed: int, a) -> dict:
     log = pd.read_csv(out / "train_log.csv")
     last = log.iloc[-1]
     return {**{c: float(metrics[c]) for c in COLUMNS if c in metrics},
-            **{c: float(last[c]) for c in LEAK if c in last}, "train_s": float(log["epoch_time_s"].sum())}
+            **{c: float(last[c]) for c in LEAK if c in last},
+            "train_s": float(log["epoch_time_s"].sum())}
 
 
 def main(argv=None) -> int:
@@ -89,8 +89,7 @@ def main(argv=None) -> int:
     per_seed.to_csv(a.out / "known_answer_per_seed.csv", index=False)
     cols = [c for c in per_seed.columns if c not in ("method", "seed")]
     mean = per_seed.groupby("method", sort=False)[cols].mean()
-    sd = per_seed.groupby("method", sort=False)[cols].std(ddof=1) if len(a.seeds) > 1 \
-        else mean * float("nan")
+    sd = per_seed.groupby("method", sort=False)[cols].std(ddof=1)  # NaN for a single seed
     print(f"\nmean (sd) over seeds {a.seeds}; test split; last-epoch training diagnostics")
     print("| method | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")

@@ -455,6 +455,7 @@ def evaluate_entanglement(loaded, dataset, **kw) -> EntanglementReport:
     network runs in eval mode and is handed back in the mode it came in."""
     model = loaded.model
     was_training = model.training
+    model.eval()
     try:
         return _evaluate(loaded, dataset, **kw)
     finally:
@@ -525,7 +526,6 @@ def _evaluate(loaded, dataset, *, layer: str | None = None, pool: str = "mean",
     dev = torch.device(device)
     feats = tail_feats.to(dev)
     labels = torch.from_numpy(labels_np).to(dev)
-    model.eval()
     # R0 / R1 (seed 000) on the frozen network, cached
     score_parts = {"model": loaded.fingerprint, "layer": layer, "dataset": dataset.fingerprint(),
                    "preprocessing": loaded.preprocessing.fingerprint(), "features": feature_kind}

@@ -53,9 +53,10 @@ from torch import nn
 from cnnexplain.errors import CnnexplainError, UsageError
 
 SAMPLES = ("matched", "all")
+"""Which samples count in the gated loss under pseudo-labels (see :meth:`Gate._weight`)."""
+
 GATED_TAILS = ("shared", "frozen")
 """Whether the gated pathway's loss trains the tail (``shared``) or not (``frozen``)."""
-"""Which samples count in the gated loss under pseudo-labels (see :meth:`Gate._weight`)."""
 
 DEFAULT_THRESHOLD = 0.5
 """Membership above which a channel belongs to a class's cluster (``W > t`` / ``P > t``)."""
