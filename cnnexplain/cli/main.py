@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -38,6 +39,13 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def _register() -> None:
     from cnnexplain.cli import commands  # noqa: F401  (registers subcommands on `app`)
+
+    # the command list shows each command's first help paragraph on one line: its hard line
+    # breaks (kept by Rich markup) would otherwise break the table's rows mid-sentence
+    for info in app.registered_commands:
+        text = info.help or inspect.getdoc(info.callback) or ""
+        if info.short_help is None and text:
+            info.short_help = " ".join(text.split("\n\n")[0].split())
 
 
 def _say(line: str) -> None:

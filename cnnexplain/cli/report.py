@@ -29,8 +29,9 @@ def report(run_dirs: Annotated[list[Path], typer.Argument(help="Run directories 
                                                            show_default=False)],
            out: O.Out = None, quiet: O.Quiet = False, json_output: O.Json = False,
            recipe: O.Recipe = None):
-    """Turn run directories into Rich tables, report/summary.csv (one row per run) and
-    report/index.html: training curves, gate heatmaps, entanglement side by side, saliency grids,
+    """Turn run directories into one report: Rich tables, summary.csv and index.html.
+
+    Writes report/summary.csv (one row per run) and report/index.html: training curves, gate heatmaps, entanglement side by side, saliency grids,
     dissection bars and top concepts, TCAV bars with significance. Missing sections are simply
     left out. --out defaults to the run directory (one run) or the runs' common parent."""
     for d in run_dirs:
