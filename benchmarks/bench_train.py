@@ -24,6 +24,16 @@ import torch
 
 from cnnexplain.models.gates import METHODS
 
+VARIANTS: dict[str, tuple[str, dict]] = {
+    **{m: (m, {}) for m in METHODS},
+    "picnn --lambda-neg 1": ("picnn", {"lambda_neg": 1.0}),
+    "cdcnn-r1p2 --gate-label pseudo --lambda-neg 1": ("cdcnn-r1p2", {"gate_label": "pseudo",
+                                                                   "lambda_neg": 1.0}),
+}
+"""Row name -> (method, extra TrainConfig fields): every method, and the two variants with the
+wrong-mask term (one more run of the layers after the gate per step) that the known-answer
+experiment requires."""
+
 SIZES = {"small": {"n": 256, "reps": 2}, "full": {"n": 1024, "reps": 3}}
 BACKBONE = "resnet18"
 SPEC = "synthetic:n={n},nval=16,ntest=16,res=32"
@@ -37,7 +47,7 @@ class _Null:
         pass
 
 
-def _trainer(method: str, n: int, device: str, out: Path):
+def _trainer(name: str, n: int, device: str, out: Path):
     from cnnexplain.data.datasets import open_dataset
     from cnnexplain.data.preprocessing import Preprocessing
     from cnnexplain.training import TrainConfig, Trainer
@@ -46,10 +56,12 @@ def _trainer(method: str, n: int, device: str, out: Path):
     spec = SPEC.format(n=n)
     train = open_dataset(spec, "train", prep)
     val = open_dataset(spec, "val", prep)
+    method, extra = VARIANTS[name]
     cfg = TrainConfig(backbone=BACKBONE, method=method, epochs=100, batch_size=64,
-                      amp=device.startswith("cuda"))
+                      amp=device.startswith("cuda"), **extra)
     return Trainer.prepare(cfg, train, val, class_names=train.class_names, preprocessing=prep,
-                           device=device, out=out / method, overwrite=True)
+                           device=device, out=out / f"run{list(VARIANTS).index(name)}",
+                           overwrite=True)
 
 
 def _sync(device: str) -> None:
@@ -71,11 +83,11 @@ def _peak_rss_mib() -> float:
 
 
 def _peak_rss_one_epoch(args) -> float:
-    """In a fresh process: train one epoch of ``method``; peak RSS in MiB."""
-    method, n = args
+    """In a fresh process: train one epoch of the variant ``name``; peak RSS in MiB."""
+    name, n = args
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
-        t = _trainer(method, n, "cpu", Path(d))
+        t = _trainer(name, n, "cpu", Path(d))
         t._train_epoch(0, _Null())
     return _peak_rss_mib()
 
@@ -93,14 +105,15 @@ def run(size: str = "full") -> pd.DataFrame:
 
 
 def _run(cfg: dict, device: str) -> pd.DataFrame:
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    names = list(VARIANTS)
+    times: dict[str, list[float]] = {m: [] for m in names}
     peak: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as d:
-        trainers = {m: _trainer(m, cfg["n"], device, Path(d)) for m in METHODS}
+        trainers = {m: _trainer(m, cfg["n"], device, Path(d)) for m in names}
         for m, t in trainers.items():  # untimed warm-up epoch
             t._train_epoch(0, _Null())
         for rep in range(cfg["reps"]):
-            order = list(METHODS[rep % len(METHODS):]) + list(METHODS[:rep % len(METHODS)])
+            order = list(names[rep % len(names):]) + list(names[:rep % len(names)])
             for m in order:
                 t = trainers[m]
                 if device == "cuda":
@@ -114,12 +127,12 @@ def _run(cfg: dict, device: str) -> pd.DataFrame:
                     peak[m] = max(peak.get(m, 0.0), torch.cuda.max_memory_allocated() / 2 ** 20)
     if device == "cpu":
         ctx = mp.get_context("spawn")
-        for m in METHODS:
+        for m in names:
             with ctx.Pool(1) as pool:
                 peak[m] = pool.map(_peak_rss_one_epoch, [(m, cfg["n"])])[0]
     std = sum(times["std"]) / len(times["std"])
     rows = []
-    for m in METHODS:
+    for m in names:
         mean = sum(times[m]) / len(times[m])
         rows.append({"method": m, "backbone": BACKBONE, "device": device, "images": cfg["n"],
                      "epochs_timed": len(times[m]), "epoch_s": round(mean, 3),

@@ -62,14 +62,15 @@ CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 LOG = "train_log.csv"
 
-LOG_COLUMNS = ["epoch", "loss", "loss_main", "loss_gated", "loss_reg", "train_acc1",
+LOG_COLUMNS = ["epoch", "loss", "loss_main", "loss_gated", "loss_reg", "loss_neg", "train_acc1",
                "train_gated_acc", "pseudo_match", "gated_follows_mask", "val_acc1", "val_acc2",
                "val_acc3", "gate_density", "gate_l1_density", "gate_peakedness", "delta", "lr",
                "gate_lr", "epoch_time_s"]
 """``train_log.csv`` columns. ``loss_main``: CE of the full pathway (seed 000's ``CE(y, ŷ)``,
 seed 004's ``L_dis``); ``loss_gated``: CE of the gated pathway (``CE(y, ŷ_W)`` / ``L_int``);
-``loss_reg``: ``||W||_{1,2}``; ``loss``: the weighted total. ``train_gated_acc``: accuracy of
-the gated pathway on the training masks; ``pseudo_match``: fraction of samples whose mask row
+``loss_reg``: ``||W||_{1,2}``; ``loss_neg``: the wrong-mask term of ``--lambda-neg``
+(:func:`wrong_mask_loss`); ``loss``: the weighted total. ``train_gated_acc``: accuracy of the
+gated pathway on the training masks; ``pseudo_match``: fraction of samples whose mask row
 was their true class; ``gated_follows_mask``: fraction of samples whose gated prediction is the
 class of their mask row (the label-leakage diagnostic of ../shared/reference/gated-training.md:
 near 1 while the mask row is often wrong, or above ``train_acc1`` with true-label gates, means
@@ -88,6 +89,7 @@ DEFAULTS = {
     "lambda1": 1.0,          # seed 000: weight of CE(y, ŷ_W) (no value in the seed)
     "lambda2": 0.05,         # seed 000: weight of ||W||_{1,2} (no value in the seed)
     "lam": 2.0,              # seed 004: λ = 2
+    "lambda_neg": 0.0,       # not in the seeds: weight of the wrong-mask term (0 = the seeds' loss)
     "delta_start": 1.0,
     "delta_end": 0.05,
     "gate_lr": 0.05,
@@ -119,6 +121,7 @@ class TrainConfig:
     lambda1: float = DEFAULTS["lambda1"]
     lambda2: float = DEFAULTS["lambda2"]
     lam: float = DEFAULTS["lam"]
+    lambda_neg: float = DEFAULTS["lambda_neg"]
     delta_start: float = DEFAULTS["delta_start"]
     delta_end: float = DEFAULTS["delta_end"]
     gate_temperature: float = DEFAULTS["gate_temperature"]
@@ -168,8 +171,8 @@ class TrainConfig:
              "pass e.g. --momentum 0.9"),
             (self.grad_clip is None or self.grad_clip > 0,
              f"--grad-clip must be positive, got {self.grad_clip}", "pass e.g. --grad-clip 5, or leave it out"),
-            (self.lambda1 >= 0 and self.lambda2 >= 0 and self.lam >= 0,
-             "--lambda, --lambda1 and --lambda2 must be >= 0", "pass e.g. --lambda 2"),
+            (self.lambda1 >= 0 and self.lambda2 >= 0 and self.lam >= 0 and self.lambda_neg >= 0,
+             "--lambda, --lambda1, --lambda2 and --lambda-neg must be >= 0", "pass e.g. --lambda 2"),
             (self.delta_start > 0 and self.delta_end > 0,
              f"--delta-start and --delta-end must be positive, got {self.delta_start} and {self.delta_end}",
              "pass e.g. --delta-start 1 --delta-end 0.05"),
@@ -405,6 +408,19 @@ def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
     return model, layer
 
 
+def wrong_mask_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of ``KL(uniform || softmax(logits))`` ``= -mean_j log p_j - log C``:
+    the gated pathway run with the mask row of a class ``c`` other than the image's label
+    (:meth:`~cnnexplain.models.gates.Gate.other_class`) must give no answer at all, neither
+    ``c`` (the mask pattern alone must not give it) nor the true class (``c``'s channels must not
+    carry other classes' evidence). The term of ``train-gated --lambda-neg`` against label
+    leakage; not in the seeds.
+
+    ``logits`` ``[B, C]`` (the tail on the wrongly masked maps) -> scalar >= 0."""
+    logp = torch.log_softmax(logits, dim=1)
+    return (-logp.mean(dim=1) - math.log(logits.shape[1])).mean()
+
+
 def _lr_factor(schedule: str, step: int, total: int) -> float:
     """Cosine from 1 to 0.001 over ``total`` steps, or constant 1 (a pure function of step)."""
     if schedule == "constant" or total <= 1:
@@ -562,12 +578,15 @@ class Trainer:
         gate = make_gate(config.method, channels, num_classes, **config.gate_hparams())
         if config.lambda1 == 0 and config.method.startswith("cdcnn"):
             notice("--lambda1 0 switches the gated pathway off: the gate will not learn")
+        if config.lambda_neg > 0 and gate is None:
+            notice("--lambda-neg applies to the gated methods only; --method std trains without it")
         model.to(device)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
         if gate is not None:
             gate.to(device)
-        net = GatedNetwork(split.body, split.tail, gate, config.gated_tail).to(device)
+        net = GatedNetwork(split.body, split.tail, gate, config.gated_tail,
+                           wrong_mask=gate is not None and config.lambda_neg > 0).to(device)
         item_bytes = image.numel() * 4
         total = len(train) + (len(val) if val is not None else 0)
         memo = workers == 0 and item_bytes * total <= MEMO_BYTES
@@ -684,13 +703,14 @@ class Trainer:
         gated_on = self.gate is not None and epoch >= c.gate_warmup
         weight_gated = (c.lam if c.method == "picnn" else c.lambda1) if gated_on else 0.0
         weight_reg = c.lambda2 if (gated_on and c.method in ("cdcnn-r1p2", "cdcnn-r1p1")) else 0.0
+        weight_neg = c.lambda_neg if gated_on else 0.0
         names = TERM_NAMES[c.method]
         steps = self.steps_per_epoch
         total = steps * c.epochs
         gated_total = steps * max(c.epochs - c.gate_warmup, 1)
         local = c.batch_size // self.dist.world_size
-        sums = torch.zeros(9, dtype=torch.float64)  # loss, main, gated, reg, acc1, gacc, match,
-        #                                             follows-mask, n
+        sums = torch.zeros(10, dtype=torch.float64)  # loss, main, gated, reg, neg, acc1, gacc,
+        #                                              match, follows-mask, n
         autocast = torch.autocast("cuda", dtype=torch.float16, enabled=bool(c.amp))
         for step, (x, y) in enumerate(self._loader(epoch)):
             gstep = epoch * steps + step
@@ -716,7 +736,7 @@ class Trainer:
             logits = logits.float()
             main = F.cross_entropy(logits, y)
             zero = logits.new_zeros(())
-            gated_loss, reg, match = zero, zero, torch.ones((), device=self.device)
+            gated_loss, reg, neg, match = zero, zero, zero, torch.ones((), device=self.device)
             if gated is not None:
                 gated = gated.float()
                 per = F.cross_entropy(gated, y, reduction="none")
@@ -729,8 +749,11 @@ class Trainer:
                 match = (draw.index == y).float().mean()
                 if weight_reg > 0:
                     reg = self.gate.regularizer()
-            loss = main + weight_gated * gated_loss + weight_reg * reg
-            terms = [(names[0], main), (names[1] or "gated", gated_loss), (names[2] or "reg", reg)]
+                if draw.other_logits is not None:
+                    neg = wrong_mask_loss(draw.other_logits.float())
+            loss = main + weight_gated * gated_loss + weight_reg * reg + weight_neg * neg
+            terms = [(names[0], main), (names[1] or "gated", gated_loss), (names[2] or "reg", reg),
+                     ("L_neg", neg)]
             self._check_finite(terms, epoch, step)
             self._opt.zero_grad(set_to_none=True)
             if self._gate_opt is not None:
@@ -757,21 +780,22 @@ class Trainer:
                     gacc = (gated_pred == y).float().mean()
                     follows = (gated_pred == draw.index).float().mean()
                 row = torch.stack([loss.detach(), main.detach(), gated_loss.detach(),
-                                   reg.detach(), acc1, gacc, match.float(), follows,
+                                   reg.detach(), neg.detach(), acc1, gacc, match.float(), follows,
                                    torch.ones((), device=self.device)]).double().cpu()
             sums += row
             task.advance(1)
-            task.update(loss=float(row[0]), acc=float(row[4]))
+            task.update(loss=float(row[0]), acc=float(row[5]))
         sums = self._all_reduce(sums)
-        n = max(float(sums[8]), 1.0)
+        n = max(float(sums[9]), 1.0)
         avg = (sums / n).tolist()
         has_gate = self.gate is not None
         return {"loss": avg[0], "loss_main": avg[1],
                 "loss_gated": avg[2] if has_gate else float("nan"),
                 "loss_reg": avg[3] if weight_reg > 0 else float("nan"),
-                "train_acc1": avg[4], "train_gated_acc": avg[5] if has_gate else float("nan"),
-                "pseudo_match": avg[6] if has_gate else float("nan"),
-                "gated_follows_mask": avg[7] if has_gate else float("nan"),
+                "loss_neg": avg[4] if weight_neg > 0 else float("nan"),
+                "train_acc1": avg[5], "train_gated_acc": avg[6] if has_gate else float("nan"),
+                "pseudo_match": avg[7] if has_gate else float("nan"),
+                "gated_follows_mask": avg[8] if has_gate else float("nan"),
                 "lr": c.lr * _lr_factor(c.schedule, (epoch + 1) * steps - 1, total),
                 "gate_lr": c.gate_lr * _lr_factor(c.schedule, (epoch + 1) * steps - 1, total)
                 if has_gate else float("nan")}

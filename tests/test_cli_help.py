@@ -1,8 +1,10 @@
-"""`cnnexplain --help`: each command's row shows its first help paragraph on one line."""
+"""`cnnexplain --help`: each command's row shows its first help paragraph on one line; each
+command's help is reflowed to the terminal's width."""
 
 import inspect
 
-from cnnexplain.cli.main import _register, app
+from cnnexplain.cli.main import _register, app, reflow
+from clihelp import run_cli
 
 
 def test_every_command_row_is_its_first_paragraph_on_one_line():
@@ -13,3 +15,23 @@ def test_every_command_row_is_its_first_paragraph_on_one_line():
         first = text.split("\n\n")[0]
         assert info.short_help == " ".join(first.split()), info.name
         assert "\n" not in info.short_help
+
+
+def test_reflow_joins_lines_within_paragraphs_but_keeps_list_items_and_paragraphs():
+    text = "One sentence\nacross two lines.\n\n[bold]A[/]: first\nitem.\n[bold]B[/]: second."
+    assert reflow(text) == "One sentence across two lines.\n\n[bold]A[/]: first item.\n[bold]B[/]: second."
+    assert reflow("single") == "single"
+
+
+def test_help_fills_an_80_column_terminal():
+    """No half-empty lines inside a paragraph of train-gated's help at 80 columns (the hard line
+    breaks of the source used to survive Rich's wrapping)."""
+    r = run_cli("train-gated", "--help", env={"COLUMNS": "80"})
+    assert r.code == 0
+    body = r.out.split("╭")[0]  # the description, before the option panels
+    lines = [line.strip() for line in body.splitlines()]
+    paragraph = [line for line in lines if line]
+    assert len(paragraph) > 20
+    short = [a for a, b in zip(lines, lines[1:]) if a and b and len(a) < 45
+             and not b.startswith(("std:", "cdcnn-", "picnn"))]
+    assert short == []

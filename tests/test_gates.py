@@ -225,6 +225,74 @@ def test_frozen_gated_tail_trains_body_and_gate_but_not_the_tail():
         GatedNetwork(body, tail, None, gated_tail="detached")
 
 
+def test_mask_gradient_is_reproducible_on_a_multithreaded_cpu():
+    """``Gate.mask``'s backward gives the same bits every time (the backward of plain indexing
+    ``W.t()[index]`` summed in a varying order with 2 threads: 200 of 200 repeats differed,
+    which made cdcnn-* runs irreproducible at ResNet-18 scale) and the exact per-class sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(30)
+        for kind in GATES:
+            g = make_gate(kind, 512, 6)
+            index = torch.randint(0, 6, (64,))
+            upstream = torch.randn(64, 512)
+            raw = next(g.parameters())
+
+            def grad():
+                raw.grad = None
+                (g.mask(index) * upstream).sum().backward()
+                return raw.grad.clone()
+
+            first = grad()
+            assert all(torch.equal(first, grad()) for _ in range(20)), kind
+        w = R1P2Gate(512, 6)
+        w.W.grad = None
+        (w.mask(index) * upstream).sum().backward()
+        expected = torch.zeros(6, 512, dtype=torch.float64).index_add_(0, index, upstream.double())
+        assert torch.allclose(w.W.grad.double(), expected.t(), atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_other_class_is_uniform_over_the_other_classes():
+    """:meth:`Gate.other_class`: never the label, each other class with probability 1/(C-1)."""
+    g = R1P2Gate(4, 5)
+    labels = torch.arange(5).repeat_interleave(4000)
+    other = g.other_class(labels, torch.rand(labels.numel(), generator=torch.Generator().manual_seed(2)))
+    assert not (other == labels).any() and other.min() >= 0 and other.max() < 5
+    for y in range(5):
+        counts = torch.bincount(other[labels == y], minlength=5).float() / 4000
+        expected = torch.full((5,), 0.25)
+        expected[y] = 0
+        assert torch.allclose(counts, expected, atol=0.03)
+    # the edges of U(0, 1): u = 0 gives y + 1, u -> 1 gives y + C - 1 = y - 1
+    edge = g.other_class(torch.tensor([2, 2]), torch.tensor([0.0, 1.0 - 1e-9]))
+    assert edge.tolist() == [3, 1]
+
+
+def test_wrong_mask_pathway_masks_the_tail_input_by_another_class_row():
+    torch.manual_seed(21)
+    body = _Body()
+    tail = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    gate = R1P2Gate(4, 3)
+    x = torch.randn(5, 3, 8, 8)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    noise = GateNoise.draw(torch.Generator().manual_seed(4), 5, 4)
+    logits, gated, draw = GatedNetwork(body, tail, gate, wrong_mask=True)(x, y, noise)
+    assert body.calls == 1
+    assert torch.equal(draw.other, gate.other_class(y, noise.other)) and not (draw.other == y).any()
+    a = body.conv(x)
+    assert torch.allclose(draw.other_logits, tail(apply_mask(a, gate.W[:, draw.other].t())), atol=1e-6)
+    # off by default: the same draws and logits, no wrong-mask pass
+    _, gated0, draw0 = GatedNetwork(body, tail, gate)(x, y, noise)
+    assert torch.equal(gated0, gated) and draw0.other is None and draw0.other_logits is None
+    # adding the wrong-mask draw left the earlier draws of the same generator unchanged
+    old = torch.Generator().manual_seed(4)
+    assert torch.equal(noise.xi, torch.rand(5, generator=old, dtype=torch.float64).float())
+    assert torch.equal(noise.eps, torch.rand(5, 4, generator=old))
+
+
 def test_state_tensors_round_trip_and_checkpoint_keys():
     torch.manual_seed(10)
     for kind, cls in GATES.items():

@@ -15,7 +15,7 @@ from cnnexplain.errors import CnnexplainError, UsageError
 from cnnexplain.models.checkpoint import load_checkpoint
 from cnnexplain.models.gates import METHODS
 from cnnexplain.training import (LOG_COLUMNS, EpochBatches, TrainConfig, Trainer, _lr_factor,
-                                 epoch_order)
+                                 epoch_order, wrong_mask_loss)
 
 PREP = Preprocessing()
 
@@ -56,15 +56,16 @@ def tensors(path):
     return out, ck
 
 
-@pytest.mark.parametrize("method", ["picnn", "cdcnn-r1p1"])
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, method):
-    full = prepare(tmp_path, "full", method=method, epochs=3)
+@pytest.mark.parametrize("method,extra", [("picnn", {}), ("cdcnn-r1p1", {}),
+                                          ("cdcnn-r1p2", {"lambda_neg": 1.0})])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, method, extra):
+    full = prepare(tmp_path, "full", method=method, epochs=3, **extra)
     full.run()
-    part = prepare(tmp_path, "part", method=method, epochs=3)
+    part = prepare(tmp_path, "part", method=method, epochs=3, **extra)
     first = part.run(stop_after=1)          # a run killed after its first epoch
     assert first.stopped_early and len(first.log) == 1
     resumed = Trainer.prepare(TrainConfig(backbone="smallcnn", batch_size=16, epochs=3,
-                                          method=method), *world(),
+                                          method=method, **extra), *world(),
                               class_names=world()[0].class_names, preprocessing=PREP,
                               out=tmp_path / "part", resume=True)
     result = resumed.run()
@@ -210,6 +211,36 @@ def test_leakage_diagnostics_in_the_log(tmp_path):
         TrainConfig(gate_samples="some").validate()
     with pytest.raises(UsageError, match="--gated-tail must be one of shared, frozen"):
         TrainConfig(gated_tail="detached").validate()
+
+
+def test_wrong_mask_loss_is_the_kl_from_uniform():
+    """``-mean_j log p_j - log C``: 0 for a uniform answer, the KL divergence otherwise, finite
+    for extreme logits."""
+    z = torch.tensor([[0.0, 0.0, 0.0], [2.0, -1.0, 0.5], [300.0, -300.0, 0.0]])
+    per = []
+    for row in z:
+        p = torch.softmax(row.double(), 0)
+        u = torch.full_like(p, 1 / 3)
+        per.append(float((u * (u.log() - p.log())).sum()))
+    assert per[0] == 0 and min(per[1:]) > 0
+    got = wrong_mask_loss(z)
+    assert math.isfinite(float(got)) and abs(float(got) - sum(per) / 3) < 1e-3
+    assert float(wrong_mask_loss(z[:1])) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_wrong_mask_term_is_logged_and_trains(tmp_path):
+    """``--lambda-neg``: ``loss_neg`` in the log (NaN when off), recorded in the checkpoint; it
+    adds to the total loss."""
+    r = prepare(tmp_path, "neg", method="cdcnn-r1p2", epochs=1, lambda_neg=2.0).run()
+    row = r.log[-1]
+    assert row["loss_neg"] >= 0 and math.isfinite(row["loss_neg"])
+    assert row["loss"] == pytest.approx(row["loss_main"] + row["loss_gated"]
+                                        + 0.05 * row["loss_reg"] + 2.0 * row["loss_neg"], rel=1e-6)
+    assert load_checkpoint(r.checkpoint).meta["training"]["lambda_neg"] == 2.0
+    off = prepare(tmp_path, "off", method="cdcnn-r1p2", epochs=1).run()
+    assert math.isnan(off.log[-1]["loss_neg"])
+    with pytest.raises(UsageError, match="--lambda-neg must be >= 0"):
+        TrainConfig(lambda_neg=-1).validate()
 
 
 def test_data_order_depends_only_on_seed_and_epoch_and_ranks_partition_the_batch():

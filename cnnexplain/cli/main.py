@@ -37,15 +37,34 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """cnnexplain: interpretable CNNs from the command line."""
 
 
+def reflow(text: str) -> str:
+    """Help text as Rich should wrap it: the source's hard line breaks inside a paragraph are
+    joined (Rich markup keeps them, so an 80-column terminal showed half-empty lines), except
+    before a line starting with ``[bold]`` (a list item); paragraphs (blank lines) stay."""
+    paragraphs = []
+    for para in text.split("\n\n"):
+        lines: list[str] = []
+        for line in para.split("\n"):
+            if lines and not line.startswith("[bold]"):
+                lines[-1] = f"{lines[-1].rstrip()} {line.strip()}"
+            else:
+                lines.append(line.rstrip())
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
 def _register() -> None:
     from cnnexplain.cli import commands  # noqa: F401  (registers subcommands on `app`)
 
     # the command list shows each command's first help paragraph on one line: its hard line
-    # breaks (kept by Rich markup) would otherwise break the table's rows mid-sentence
+    # breaks (kept by Rich markup) would otherwise break the table's rows mid-sentence; the
+    # command's own --help gets the same text reflowed to the terminal's width
     for info in app.registered_commands:
         text = info.help or inspect.getdoc(info.callback) or ""
         if info.short_help is None and text:
             info.short_help = " ".join(text.split("\n\n")[0].split())
+        if text:
+            info.help = reflow(text)
 
 
 def _say(line: str) -> None:

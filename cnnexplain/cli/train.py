@@ -41,10 +41,15 @@ row must still lead to y. cdcnn-* follow seed 000 and gate with the true label (
 only) inside the joint loss; --gate-label pseudo gives them PICNN's remedy. train_log.csv
 measures the shortcut: gated_follows_mask is the share of samples whose gated prediction is the
 class of their mask row; near 1.0 (above pseudo_match) the gated answer is set by which channels
-the mask keeps, not by the image. On the synthetic world it is 1.0 for every gated run and MIS
-barely moves with the seeds' settings; --gated-tail frozen keeps the gated loss off the layers
-after the gate, which raised picnn's MIS there (README, "Known limitations"). The full pathway,
-trained on the same step without any mask, cannot use the shortcut, so ACC1 stays close to std's.
+the mask keeps, not by the image. --lambda-neg adds a wrong-mask term (not in the seeds): the
+tail also runs on the maps masked by another class c's row and must then give no answer (KL from
+uniform), so c's channels must carry no class evidence on other classes' images and the mask
+pattern alone cannot decide. On the synthetic world the seeds' settings leave MIS at std's
+level; picnn --lambda-neg 1 and cdcnn-r1p2 --gate-label pseudo --lambda-neg 1 raise it by more
+than 0.03 nats with ACC3 well below ACC1 (README, "Gated training: what the known-answer experiment
+measures"). --gated-tail frozen keeps the gated loss off the layers after the gate. The full
+pathway, trained on the same step without any mask, cannot use the shortcut, so ACC1 stays close
+to std's.
 
 [bold]Gate collapse[/]: a constant gate under max-normalization stays all-ones, and P trained at
 lr 1e-3 stays uniform (random "clusters"). Here W / Ω start random, the gate has its own Adam
@@ -99,6 +104,13 @@ def train_gated(
         rich_help_panel=METHOD)] = 0.05,
     lam: Annotated[float, typer.Option(
         "--lambda", help="picnn: weight λ of L_int (seed 004: 2).", rich_help_panel=METHOD)] = 2.0,
+    lambda_neg: Annotated[float, typer.Option(
+        "--lambda-neg", help="Weight of the wrong-mask term (not in the seeds; 0 = off, the "
+        "seeds' loss): the tail also runs on the maps masked by the row of a class c other than y "
+        "(drawn uniformly) and is pulled towards no answer, KL(uniform || p), so c's channels "
+        "must carry no class evidence on other classes' images. One more run of the layers after "
+        "the gate per step.",
+        rich_help_panel=METHOD)] = 0.0,
     delta_start: Annotated[float, typer.Option(
         "--delta-start", help="cdcnn-r1p1 / r0p1: initial temperature δ.", rich_help_panel=METHOD)] = 1.0,
     delta_end: Annotated[float, typer.Option(
@@ -179,7 +191,7 @@ def train_gated(
         weights=weights, method=method, epochs=epochs, batch_size=batch_size,
         optimizer=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay,
         schedule=schedule, grad_clip=grad_clip, gate_lr=gate_lr, lambda1=lambda1,
-        lambda2=lambda2, lam=lam, delta_start=delta_start, delta_end=delta_end,
+        lambda2=lambda2, lam=lam, lambda_neg=lambda_neg, delta_start=delta_start, delta_end=delta_end,
         gate_temperature=gate_temperature, gate_threshold=gate_threshold, gate_label=gate_label,
         gate_samples=gate_samples, gated_tail=gated_tail,
         gate_warmup=gate_warmup, val_fraction=val_fraction, augment=augment, seed=seed, amp=amp,

@@ -36,6 +36,11 @@ The gated forward multiplies the layer's maps by a per-image channel mask ``[B, 
   does); ``samples="all"`` (``--gate-samples all``) counts every sample, as seed 004's
   ``L_int = H(y, y_2)`` reads (:meth:`Gate._weight`).
 
+- Wrong-mask term (``train-gated --lambda-neg``, not in the seeds, against label leakage):
+  :class:`GatedNetwork` also runs the tail on the maps masked by the row of a class drawn
+  uniformly among the others (:meth:`Gate.other_class`); the training loss pulls that answer
+  towards uniform (:func:`cnnexplain.training.wrong_mask_loss`).
+
 Checkpoints store the effective matrix as ``gate["W"]`` ``[K, C]`` (cdcnn-*) or ``gate["P"]``
 ``[C, K]`` (picnn) plus the raw parameters needed to resume (``Omega``, ``Theta``, ``delta``,
 ``temperature``), and ``meta["gate"] = {"kind", "layer", "threshold", ...}``. Every consumer
@@ -101,15 +106,21 @@ class GateNoise:
 
     xi: torch.Tensor
     eps: torch.Tensor
+    other: torch.Tensor | None = None
 
     @staticmethod
     def draw(generator: torch.Generator, batch: int, channels: int) -> "GateNoise":
+        """``xi`` and ``eps`` as above, then ``other`` ``[B]`` (uniform, for the wrong-mask class
+        of :meth:`Gate.other_class`), drawn last so that the first two do not depend on it."""
         xi = torch.rand(batch, generator=generator, dtype=torch.float64).float()
         eps = torch.rand(batch, channels, generator=generator)
-        return GateNoise(xi=xi, eps=eps)
+        other = torch.rand(batch, generator=generator, dtype=torch.float64).float()
+        return GateNoise(xi=xi, eps=eps, other=other)
 
     def slice(self, start: int, stop: int, device) -> "GateNoise":
-        return GateNoise(xi=self.xi[start:stop].to(device), eps=self.eps[start:stop].to(device))
+        other = None if self.other is None else self.other[start:stop].to(device)
+        return GateNoise(xi=self.xi[start:stop].to(device), eps=self.eps[start:stop].to(device),
+                         other=other)
 
 
 @dataclass
@@ -118,12 +129,17 @@ class GateDraw:
 
     ``mask`` ``[B, K]``: channel multipliers for the gated pathway; ``weight`` ``[B]``: 1 for the
     samples that count in the gated loss, 0 otherwise (PICNN: pseudo-label == label);
-    ``index`` ``[B]``: the class row each sample used (true label or pseudo-label).
+    ``index`` ``[B]``: the class row each sample used (true label or pseudo-label);
+    ``other`` ``[B]`` and ``other_logits`` ``[B, C]`` (only with the wrong-mask term,
+    :class:`GatedNetwork` ``wrong_mask=True``): a class other than the true label per sample and
+    the tail's logits on the maps masked by that class's membership row.
     """
 
     mask: torch.Tensor
     weight: torch.Tensor
     index: torch.Tensor
+    other: torch.Tensor | None = None
+    other_logits: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +183,13 @@ class Gate(nn.Module):
 
     def mask(self, index: torch.Tensor) -> torch.Tensor:
         """Deterministic gated-forward mask ``[B, K]`` for class indices ``index`` ``[B]``:
-        the membership of every channel in class ``index[b]`` (``W[:, y]^T`` / ``P[y]``)."""
-        return self.matrix().t()[index]
+        the membership of every channel in class ``index[b]`` (``W[:, y]^T`` / ``P[y]``).
+
+        Computed as ``onehot(index) @ M^T`` rather than by indexing: the backward of an index is
+        an accumulating scatter whose summation order varies between runs on a multi-threaded
+        CPU, which made cdcnn-* training irreproducible at ResNet-18 scale; the matmul's is fixed."""
+        m = self.matrix()
+        return F.one_hot(index, self.classes).to(m.dtype) @ m.t()
 
     def project_(self) -> None:
         """The post-step constraint of the method's update algorithm (in place, no grad)."""
@@ -188,6 +209,13 @@ class Gate(nn.Module):
             return GateDraw(mask=mask, weight=self._weight(index, labels), index=index)
         mask = self.mask(labels)
         return GateDraw(mask=mask, weight=torch.ones_like(labels, dtype=mask.dtype), index=labels)
+
+    def other_class(self, labels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """A class other than ``labels`` ``[B]``, uniform over the other ``C - 1`` classes given
+        ``u ~ U(0, 1)`` ``[B]``: ``(y + 1 + floor(u (C - 1))) mod C``."""
+        steps = (u.to(torch.float64) * (self.classes - 1)).floor().long()
+        shift = 1 + steps.clamp_(min=0, max=self.classes - 2)
+        return (labels + shift.to(labels.device)) % self.classes
 
     def _weight(self, index: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Which samples count in the gated loss when the mask row is a pseudo-label ``index``:
@@ -444,12 +472,15 @@ class GatedNetwork(nn.Module):
     """``body`` and ``tail`` of :func:`~cnnexplain.models.layers.split_at` plus an optional gate.
 
     ``forward(x, labels, noise) -> (logits [B, C], gated_logits [B, C] | None, GateDraw | None)``:
-    the body runs once; the gated pathway re-runs only the tail on ``a * mask``.
+    the body runs once; the gated pathway re-runs only the tail on ``a * mask``. With
+    ``wrong_mask=True`` the tail also runs on ``a`` masked by the membership row of another class
+    (``draw.other``, :meth:`Gate.other_class`), giving ``draw.other_logits``: the wrong-mask
+    term of ``train-gated --lambda-neg``.
     Parameters are shared with the network the split was made from.
     """
 
     def __init__(self, body: nn.Module, tail: nn.Module, gate: Gate | None,
-                 gated_tail: str = "shared"):
+                 gated_tail: str = "shared", wrong_mask: bool = False):
         super().__init__()
         if gated_tail not in GATED_TAILS:
             raise UsageError(f"--gated-tail must be one of {', '.join(GATED_TAILS)}, got "
@@ -458,6 +489,7 @@ class GatedNetwork(nn.Module):
         self.tail = tail
         self.gate = gate
         self.gated_tail = gated_tail
+        self.wrong_mask = bool(wrong_mask)
 
     def _gated(self, a: torch.Tensor, extras) -> torch.Tensor:
         """The tail on the masked maps; with ``gated_tail="frozen"`` the gated loss reaches the
@@ -478,6 +510,9 @@ class GatedNetwork(nn.Module):
             return logits, None, None
         draw = self.gate.draw(logits, labels, noise)
         gated = self._gated(apply_mask(a, draw.mask), extras)
+        if self.wrong_mask:
+            draw.other = self.gate.other_class(labels, noise.other)
+            draw.other_logits = self._gated(apply_mask(a, self.gate.mask(draw.other)), extras)
         return logits, gated, draw
 
 
