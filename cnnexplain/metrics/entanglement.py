@@ -244,7 +244,7 @@ def _fit(gate: nn.Module, tail: Tail, features: torch.Tensor, labels: torch.Tens
             gate.anneal(step / max(steps - 1, 1))
             idx = torch.randperm(n, generator=g)[:b].to(dev)
             y = labels[idx]
-            mask = gate.matrix().t()[y]
+            mask = gate.mask(y)  # one-hot matmul: a reproducible backward (Gate.mask)
             loss = F.cross_entropy(tail(apply_mask(features[idx], mask)).float(), y) + penalty()
             opt.zero_grad(set_to_none=True)
             loss.backward()
