@@ -285,6 +285,19 @@ def test_every_method_trains_on_every_backbone(tmp_path, backbone, method):
     assert r.checkpoint.exists() and r.best.exists()
 
 
+@pytest.mark.parametrize("backbone", ["smallcnn", "resnet18", "vgg11_bn", "mobilenet_v2"])
+@pytest.mark.parametrize("method,extra", [("picnn", {}), ("cdcnn-r1p2", {"gate_label": "pseudo"})])
+def test_wrong_mask_term_on_every_backbone(tmp_path, backbone, method, extra):
+    """The two known-answer variants with ``--lambda-neg``: the extra tail run works on every
+    backbone's layers after the gate (pooling + fc, BatchNorm'd heads, classifier blocks)."""
+    train, val = world(n=32)
+    r = prepare(tmp_path, f"{backbone}-{method}", train=train, val=val, backbone=backbone,
+                method=method, epochs=1, batch_size=16, lambda_neg=1.0, **extra).run()
+    row = r.log[-1]
+    assert math.isfinite(row["loss_neg"]) and row["loss_neg"] >= 0
+    assert row["loss"] > row["loss_main"]
+
+
 def test_insert_conv_gates_the_new_filters(tmp_path):
     r = prepare(tmp_path, "ins", method="picnn", insert_conv=12, epochs=1).run()
     assert r.gate.matrix().shape == (12, 6)
