@@ -171,8 +171,10 @@ class TrainConfig:
              "pass e.g. --momentum 0.9"),
             (self.grad_clip is None or self.grad_clip > 0,
              f"--grad-clip must be positive, got {self.grad_clip}", "pass e.g. --grad-clip 5, or leave it out"),
-            (self.lambda1 >= 0 and self.lambda2 >= 0 and self.lam >= 0 and self.lambda_neg >= 0,
-             "--lambda, --lambda1, --lambda2 and --lambda-neg must be >= 0", "pass e.g. --lambda 2"),
+            *[(value >= 0, f"{flag} must be >= 0, got {value}", f"pass e.g. {flag} {default}")
+              for flag, value, default in (("--lambda", self.lam, 2), ("--lambda1", self.lambda1, 1),
+                                           ("--lambda2", self.lambda2, 0.05),
+                                           ("--lambda-neg", self.lambda_neg, 1))],
             (self.delta_start > 0 and self.delta_end > 0,
              f"--delta-start and --delta-end must be positive, got {self.delta_start} and {self.delta_end}",
              "pass e.g. --delta-start 1 --delta-end 0.05"),

@@ -72,6 +72,7 @@ def test_tiny_cifar_file_set(tmp_path):
     (["--resume"], 2, ["nothing to resume"]),
     (["--dataset", "cifar10:/nonexistent/dir"], 1, ["not found"]),
     (["--val-fraction", "0"], 2, ["--val-fraction"]),
+    (["--method", "cdcnn-r1p2", "--lambda-neg", "-1"], 2, ["--lambda-neg must be >= 0", "got -1"]),
 ])
 def test_bad_input_leaves_no_file(tmp_path, args, code, words):
     out = tmp_path / "out"
