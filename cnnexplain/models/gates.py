@@ -57,11 +57,31 @@ from torch import nn
 
 from cnnexplain.errors import CnnexplainError, UsageError
 
+LABEL_SOURCES = ("true", "pseudo")
+"""Which class row a cdcnn-* gate uses in training: the label (seed 000) or a pseudo-label."""
+
 SAMPLES = ("matched", "all")
 """Which samples count in the gated loss under pseudo-labels (see :meth:`Gate._weight`)."""
 
 GATED_TAILS = ("shared", "frozen")
 """Whether the gated pathway's loss trains the tail (``shared``) or not (``frozen``)."""
+
+CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
+    "--gate-label": (LABEL_SOURCES, "pass --gate-label true (seed 000) or pseudo (seed 004's "
+                                    "remedy)"),
+    "--gate-samples": (SAMPLES, "pass --gate-samples matched (the reference code) or all "
+                                "(seed 004's L_int)"),
+    "--gated-tail": (GATED_TAILS, "pass --gated-tail shared (the seeds) or frozen"),
+}
+"""The gate's choice options: flag -> (allowed values, the fix an error names)."""
+
+
+def check_choice(flag: str, value: str) -> None:
+    """One-line usage error unless ``value`` is one of ``CHOICES[flag]``'s values (used by
+    ``TrainConfig.validate`` before anything is written and by the constructors here)."""
+    choices, fix = CHOICES[flag]
+    if value not in choices:
+        raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}", fix)
 
 DEFAULT_THRESHOLD = 0.5
 """Membership above which a channel belongs to a class's cluster (``W > t`` / ``P > t``)."""
@@ -163,12 +183,8 @@ class Gate(nn.Module):
             raise UsageError(f"a class-specific gate needs at least 1 channel and 2 classes, got "
                              f"{channels} channels and {classes} classes",
                              "train on a dataset with at least two classes")
-        if label_source not in ("true", "pseudo"):
-            raise UsageError(f"--gate-label must be 'true' or 'pseudo', got {label_source!r}",
-                             "pass --gate-label true (seed 000) or pseudo (seed 004's remedy)")
-        if samples not in SAMPLES:
-            raise UsageError(f"--gate-samples must be one of {', '.join(SAMPLES)}, got {samples!r}",
-                             "pass --gate-samples all (seed 004's L_int) or matched (its code)")
+        check_choice("--gate-label", label_source)
+        check_choice("--gate-samples", samples)
         self.channels = int(channels)
         self.classes = int(classes)
         self.samples = samples
@@ -482,9 +498,7 @@ class GatedNetwork(nn.Module):
     def __init__(self, body: nn.Module, tail: nn.Module, gate: Gate | None,
                  gated_tail: str = "shared", wrong_mask: bool = False):
         super().__init__()
-        if gated_tail not in GATED_TAILS:
-            raise UsageError(f"--gated-tail must be one of {', '.join(GATED_TAILS)}, got "
-                             f"{gated_tail!r}", "pass --gated-tail shared or --gated-tail frozen")
+        check_choice("--gated-tail", gated_tail)
         self.body = body
         self.tail = tail
         self.gate = gate
