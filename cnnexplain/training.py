@@ -52,8 +52,8 @@ from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.errors import CnnexplainError, UsageError
 from cnnexplain.models import zoo
 from cnnexplain.models.checkpoint import (Checkpoint, load_checkpoint, save_checkpoint)
-from cnnexplain.models.gates import (GATED_TAILS, METHODS, SAMPLES, Gate, GateNoise,
-                                     GatedNetwork, apply_mask, class_clusters, make_gate)
+from cnnexplain.models.gates import (METHODS, Gate, GateNoise, GatedNetwork, apply_mask,
+                                     check_choice, class_clusters, make_gate)
 from cnnexplain.models.layers import get_module, split_at
 from cnnexplain.models.network import insert_conv
 from cnnexplain.runtime import Dist
@@ -182,15 +182,6 @@ class TrainConfig:
              "pass e.g. --gate-temperature 1"),
             (0 < self.gate_threshold < 1,
              f"--gate-threshold must be in (0, 1), got {self.gate_threshold}", "pass e.g. --gate-threshold 0.5"),
-            (self.gate_label in ("true", "pseudo"),
-             f"--gate-label must be true or pseudo, got {self.gate_label!r}",
-             "pass --gate-label true (seed 000) or pseudo (seed 004's remedy)"),
-            (self.gated_tail in GATED_TAILS,
-             f"--gated-tail must be one of {', '.join(GATED_TAILS)}, got {self.gated_tail!r}",
-             "pass --gated-tail shared (the seeds) or frozen"),
-            (self.gate_samples in SAMPLES,
-             f"--gate-samples must be one of {', '.join(SAMPLES)}, got {self.gate_samples!r}",
-             "pass --gate-samples matched (the reference code) or all (seed 004's L_int)"),
             (0 <= self.gate_warmup < self.epochs or (self.method == "std" and self.gate_warmup >= 0),
              f"--gate-warmup {self.gate_warmup} must be less than --epochs {self.epochs}",
              "lower --gate-warmup or raise --epochs"),
@@ -205,6 +196,9 @@ class TrainConfig:
         for ok, problem, fix in checks:
             if not ok:
                 raise UsageError(problem, fix)
+        for flag, value in (("--gate-label", self.gate_label), ("--gate-samples", self.gate_samples),
+                            ("--gated-tail", self.gated_tail)):
+            check_choice(flag, value)
 
     def gate_hparams(self) -> dict:
         return {"delta_start": self.delta_start, "delta_end": self.delta_end,
@@ -408,6 +402,12 @@ def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
     if config.insert_conv:
         insert_conv(model, spec, layer, config.insert_conv)
     return model, layer
+
+
+_STEP_SUMS = ("loss", "loss_main", "loss_gated", "loss_reg", "loss_neg", "train_acc1",
+              "train_gated_acc", "pseudo_match", "gated_follows_mask", "n")
+"""Per-step values :meth:`Trainer._train_epoch` sums (in this order) and averages over the
+epoch's steps (``n``, last, counts them); all-reduced in one tensor under DDP."""
 
 
 def wrong_mask_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -711,8 +711,7 @@ class Trainer:
         total = steps * c.epochs
         gated_total = steps * max(c.epochs - c.gate_warmup, 1)
         local = c.batch_size // self.dist.world_size
-        sums = torch.zeros(10, dtype=torch.float64)  # loss, main, gated, reg, neg, acc1, gacc,
-        #                                              match, follows-mask, n
+        sums = torch.zeros(len(_STEP_SUMS), dtype=torch.float64)
         autocast = torch.autocast("cuda", dtype=torch.float16, enabled=bool(c.amp))
         for step, (x, y) in enumerate(self._loader(epoch)):
             gstep = epoch * steps + step
@@ -781,23 +780,24 @@ class Trainer:
                     gated_pred = gated.argmax(1)
                     gacc = (gated_pred == y).float().mean()
                     follows = (gated_pred == draw.index).float().mean()
-                row = torch.stack([loss.detach(), main.detach(), gated_loss.detach(),
-                                   reg.detach(), neg.detach(), acc1, gacc, match.float(), follows,
-                                   torch.ones((), device=self.device)]).double().cpu()
+                values = {"loss": loss, "loss_main": main, "loss_gated": gated_loss,
+                          "loss_reg": reg, "loss_neg": neg, "train_acc1": acc1,
+                          "train_gated_acc": gacc, "pseudo_match": match,
+                          "gated_follows_mask": follows, "n": torch.ones((), device=self.device)}
+                row = torch.stack([values[k].detach().float() for k in _STEP_SUMS]).double().cpu()
             sums += row
             task.advance(1)
-            task.update(loss=float(row[0]), acc=float(row[5]))
+            task.update(loss=float(row[_STEP_SUMS.index("loss")]),
+                        acc=float(row[_STEP_SUMS.index("train_acc1")]))
         sums = self._all_reduce(sums)
-        n = max(float(sums[9]), 1.0)
-        avg = (sums / n).tolist()
+        avg = dict(zip(_STEP_SUMS, (sums / max(float(sums[-1]), 1.0)).tolist()))
+        del avg["n"]
         has_gate = self.gate is not None
-        return {"loss": avg[0], "loss_main": avg[1],
-                "loss_gated": avg[2] if has_gate else float("nan"),
-                "loss_reg": avg[3] if weight_reg > 0 else float("nan"),
-                "loss_neg": avg[4] if weight_neg > 0 else float("nan"),
-                "train_acc1": avg[5], "train_gated_acc": avg[6] if has_gate else float("nan"),
-                "pseudo_match": avg[7] if has_gate else float("nan"),
-                "gated_follows_mask": avg[8] if has_gate else float("nan"),
+        absent = [k for k, off in (("loss_reg", weight_reg == 0), ("loss_neg", weight_neg == 0))
+                  if off]
+        if not has_gate:
+            absent += ["loss_gated", "train_gated_acc", "pseudo_match", "gated_follows_mask"]
+        return {**avg, **dict.fromkeys(absent, float("nan")),
                 "lr": c.lr * _lr_factor(c.schedule, (epoch + 1) * steps - 1, total),
                 "gate_lr": c.gate_lr * _lr_factor(c.schedule, (epoch + 1) * steps - 1, total)
                 if has_gate else float("nan")}

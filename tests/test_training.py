@@ -295,7 +295,9 @@ def test_wrong_mask_term_on_every_backbone(tmp_path, backbone, method, extra):
                 method=method, epochs=1, batch_size=16, lambda_neg=1.0, **extra).run()
     row = r.log[-1]
     assert math.isfinite(row["loss_neg"]) and row["loss_neg"] >= 0
-    assert row["loss"] > row["loss_main"]
+    gated_weight, reg = (2.0, 0.0) if method == "picnn" else (1.0, 0.05 * row["loss_reg"])
+    assert row["loss"] == pytest.approx(row["loss_main"] + gated_weight * row["loss_gated"] + reg
+                                        + row["loss_neg"], rel=1e-6)
 
 
 def test_insert_conv_gates_the_new_filters(tmp_path):
