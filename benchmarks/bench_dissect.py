@@ -5,9 +5,9 @@ Reported in one run, on the same model and images:
 
 - ``forward``: the bare forward pass to layer4 (``split_at(model, "layer4").body``) on images
   already in memory, and the same with the images read from disk by the DataLoader;
-- ``dissect``: :func:`cnnexplain.explain.dissect_run.dissect` end to end (reading, one forward
+- ``dissect``: :func:`cnnexplain.explain.dissect.run.dissect` end to end (reading, one forward
   pass with maps streamed to a temporary HDF5 file, thresholds, tallies, top images), with the
-  ``--recompute`` variant (two forward passes, no disk) and a warm-cache run (maps read back);
+  ``recompute`` variant (two forward passes, no disk) and a warm-cache run (maps read back);
   ``dissect / forward`` is the target ratio (>= 0.8: dissection costs little more than the
   forward pass);
 - ``tally``: the tally pass per image, vectorized (:func:`accumulate_tallies`) versus a
@@ -38,13 +38,14 @@ import torch
 import torchvision
 from PIL import Image
 
-from cnnexplain.cache import Cache
+from cnnexplain.cache.store import Cache
 from cnnexplain.data.base import make_loader
 from cnnexplain.data.broden import BrodenDataset, export_broden
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.data.synthetic import WorldConfig
-from cnnexplain.explain.dissect_run import DissectConfig, dissect
-from cnnexplain.explain.dissection import ConceptSpace, Tally, accumulate_tallies
+from cnnexplain.explain.dissect.labels import ConceptSpace
+from cnnexplain.explain.dissect.run import DissectConfig, dissect
+from cnnexplain.explain.dissect.tally import Tally, accumulate_tallies
 from cnnexplain.models.layers import record, split_at
 
 SIZES = {"small": 24, "full": 96}   # images at 1x; memory is also measured at 2x and 4x
@@ -56,10 +57,10 @@ PREP = Preprocessing()
 _MEMORY_SCRIPT = r"""
 import resource, sys, torch, torchvision
 torch.manual_seed(0)
-from cnnexplain.cache import Cache
+from cnnexplain.cache.store import Cache
 from cnnexplain.data.broden import BrodenDataset
 from cnnexplain.data.preprocessing import Preprocessing
-from cnnexplain.explain.dissect_run import DissectConfig, dissect
+from cnnexplain.explain.dissect.run import DissectConfig, dissect
 root, limit, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 model = torchvision.models.resnet18(weights=None).eval()
 if limit == 0:  # baseline: the bare forward pass of one batch
@@ -212,7 +213,7 @@ def run(size: str = "small") -> pd.DataFrame:
         ("forward to layer4, reading from disk", fwd_read, "images/s", None),
         ("dissect (one forward, maps via temp HDF5)", dis, "images/s", dis / fwd),
         ("dissect / forward-with-reading", dis / fwd_read, "x", dis / fwd_read),
-        ("dissect --recompute (two forwards)", n / rec_s, "images/s", (n / rec_s) / fwd),
+        ("dissect with recompute (two forwards)", n / rec_s, "images/s", (n / rec_s) / fwd),
         ("dissect, activations from a warm cache", n / warm_s, "images/s", (n / warm_s) / fwd),
         ("tally pass, vectorized", 1000 * tallies["vec_s"], "ms/image", None),
         (f"tally pass, per-unit loop (on {NAIVE_IMAGES[size]} images, extrapolated)",

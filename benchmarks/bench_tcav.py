@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from cnnexplain.activations import compute_activations
-from cnnexplain.cache import Cache
+from cnnexplain.cache.store import Cache
 from cnnexplain.data.export import export_concepts
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.data.synthetic import SyntheticDataset, WorldConfig

@@ -26,9 +26,9 @@ from cnnexplain.models.gates import METHODS
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     **{m: (m, {}) for m in METHODS},
-    "picnn --lambda-neg 1": ("picnn", {"lambda_neg": 1.0}),
-    "cdcnn-r1p2 --gate-label pseudo --lambda-neg 1": ("cdcnn-r1p2", {"gate_label": "pseudo",
-                                                                   "lambda_neg": 1.0}),
+    "picnn lambda_neg=1": ("picnn", {"lambda_neg": 1.0}),
+    "cdcnn-r1p2 gate_label=pseudo lambda_neg=1": ("cdcnn-r1p2", {"gate_label": "pseudo",
+                                                                 "lambda_neg": 1.0}),
 }
 """Row name -> (method, extra TrainConfig fields): every method, and the two variants with the
 wrong-mask term (one more run of the layers after the gate per step) that the known-answer
@@ -50,7 +50,8 @@ class _Null:
 def _trainer(name: str, n: int, device: str, out: Path):
     from cnnexplain.data.datasets import open_dataset
     from cnnexplain.data.preprocessing import Preprocessing
-    from cnnexplain.training import TrainConfig, Trainer
+    from cnnexplain.config.train import TrainConfig
+    from cnnexplain.training.loop import Trainer
 
     prep = Preprocessing()
     spec = SPEC.format(n=n)

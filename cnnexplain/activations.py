@@ -26,7 +26,9 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from cnnexplain.cache import Cache, Entry, LazyDataset, StreamWriter
+from cnnexplain.cache.entries import Entry, LazyDataset
+from cnnexplain.cache.store import Cache
+from cnnexplain.cache.streaming import StreamWriter
 from cnnexplain.data.base import make_loader
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.errors import CnnexplainError, UsageError, close_matches
@@ -142,13 +144,13 @@ def compute_activations(model: nn.Module, layers: Sequence[str], dataset, *,
     """
     layers = list(dict.fromkeys(layers))
     if not layers:
-        raise UsageError("no layer to record activations from", "pass --layer NAME, e.g. layer4")
+        raise UsageError("no layer to record activations from", "pass `layer=NAME`, e.g. layer4")
     if pool not in (None, *POOLS):
         raise UsageError(f"unknown pooling {pool!r}{close_matches(str(pool), POOLS)}",
-                         "pass --pool mean, sum or max, or leave it out to keep full maps")
+                         "pass `pool` mean, sum or max, or leave it out to keep full maps")
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}",
-                         "pass e.g. --batch-size 64")
+        raise UsageError(f"`batch_size` must be at least 1, got {batch_size}",
+                         "pass e.g. `batch_size=64`")
     for layer in layers:
         get_module(model, layer)
     _check_device(model, device)

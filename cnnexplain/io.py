@@ -25,10 +25,10 @@ def _explain_oserror(exc: OSError, path: Path) -> CnnexplainError:
         what = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                 errno.EFBIG: "file size limit reached"}[exc.errno]
         return CnnexplainError(f"{what} while writing {path}",
-                               "free some disk space or choose another --out / --cache-dir")
+                               "free some disk space or choose another `out` / `cache_dir`")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CnnexplainError(f"cannot write {path}: permission denied",
-                               "choose a writable --out / --cache-dir")
+                               "choose a writable `out` / `cache_dir`")
     return CnnexplainError(f"cannot write {path}: {exc.strerror or exc}",
                            "check the path and free space, then re-run")
 

@@ -1,4 +1,4 @@
-"""Rich progress bars for every long loop: shown on stderr, quiet with ``--quiet`` and
+"""Rich progress bars for every long loop: shown on stderr, quiet with ``quiet`` and
 automatically when stdout is not a terminal."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run directories and their ``run.json`` manifest.
 
-Every command writes its results under ``--out DIR`` (train-gated: checkpoint.pt, train_log.csv;
+Every command writes its results under ``out`` = DIR (train-gated: checkpoint.pt, train_log.csv;
 evaluate-entanglement: entanglement.csv; saliency/, dissect/, tcav/, report/ subfolders) and
 records itself in ``DIR/run.json``::
 
@@ -29,22 +29,22 @@ MANIFEST = "run.json"
 
 
 def check_out_dir(out: Path) -> Path:
-    """Validate ``--out`` without creating anything (bad input must leave no file behind)."""
+    """Validate ``out`` without creating anything (bad input must leave no file behind)."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is an existing file, not a directory",
-                         "pass a directory path for --out")
+        raise UsageError(f"`out={out}` is an existing file, not a directory",
+                         "pass a directory path for `out`")
     probe = out
     while not probe.exists():
         if probe.parent == probe:
             break
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise UsageError(f"--out {out} lies under {probe}, which is a file",
-                         "pass a directory path for --out")
+        raise UsageError(f"`out={out}` lies under {probe}, which is a file",
+                         "pass a directory path for `out`")
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise CnnexplainError(f"--out {out} is not writable (no write permission on {probe})",
-                              "choose a writable --out directory")
+        raise CnnexplainError(f"`out={out}` is not writable (no write permission on {probe})",
+                              "choose a writable `out` directory")
     return out
 
 

@@ -23,19 +23,19 @@ def resolve_device(spec: str = "auto"):
         return torch.device("cpu")
     if spec == "cuda" or spec.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec}: CUDA is not available on this machine",
-                             "use --device cpu or --device auto")
+            raise UsageError(f"`device={spec}`: CUDA is not available on this machine",
+                             "use `device=cpu` or `device=auto`")
         if spec == "cuda":
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         try:
             idx = int(spec.split(":", 1)[1])
         except ValueError:
-            raise UsageError(f"--device {spec!r} is not a device", "use auto, cpu, cuda or cuda:N") from None
+            raise UsageError(f"`device={spec!r}` is not a device", "use auto, cpu, cuda or cuda:N") from None
         if not 0 <= idx < torch.cuda.device_count():
-            raise UsageError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA "
+            raise UsageError(f"`device={spec}`: this machine has {torch.cuda.device_count()} CUDA "
                              "device(s)", f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
         return torch.device("cuda", idx)
-    raise UsageError(f"--device {spec!r} is not a device", "use auto, cpu, cuda or cuda:N")
+    raise UsageError(f"`device={spec!r}` is not a device", "use auto, cpu, cuda or cuda:N")
 
 
 def seed_everything(seed: int) -> None:

@@ -24,8 +24,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
-from cnnexplain import cache as cache_module  # noqa: E402
 from cnnexplain.activations import compute_activations  # noqa: E402
+from cnnexplain.cache import layout as cache_layout  # noqa: E402
+from cnnexplain.cache.store import Cache  # noqa: E402
 from cnnexplain.data.preprocessing import Preprocessing  # noqa: E402
 from cnnexplain.fingerprint import array_digest, digest_parts, module_digest  # noqa: E402
 
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.chunk_bytes:
-        cache_module.CHUNK_BYTES = args.chunk_bytes
-    cache = cache_module.Cache(args.cache)
+        cache_layout.CHUNK_BYTES = args.chunk_bytes
+    cache = Cache(args.cache)
     _sync(args.ready, args.go)
     if args.mode == "activations":
         model = tiny_model()

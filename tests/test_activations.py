@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from cache_worker import BATCH, LAYERS, TinyDataset, tiny_model
-from cnnexplain import cache as cache_module
 from cnnexplain.activations import KIND, compute_activations
-from cnnexplain.cache import Cache
+from cnnexplain.cache import layout as cache_layout
+from cnnexplain.cache.store import Cache
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.errors import CnnexplainError, UsageError
 from cnnexplain.fingerprint import module_digest
@@ -242,7 +242,7 @@ def test_no_cache_keeps_arrays_in_a_private_file_that_goes_away(tmp_path, monkey
 # ------------------------------------------------------------------------------------------
 
 def test_resume_after_a_failure_computes_only_the_missing_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "CHUNK_BYTES", 4 * ROW_BYTES)  # chunks of 4 rows
+    monkeypatch.setattr(cache_layout, "CHUNK_BYTES", 4 * ROW_BYTES)  # chunks of 4 rows
     model = tiny_model()
     with pytest.raises(RuntimeError, match="simulated failure"):
         acts(model, TinyDataset(10, fail_at=7), Cache(tmp_path))

@@ -336,5 +336,5 @@ def test_missing_root(tmp_path):
         BrodenDataset(tmp_path / "nope")
     assert (
         "Broden dataset not found" in exc.value.line()
-        and "data synth --format broden" in exc.value.line()
+        and "data synth` in the Broden format" in exc.value.line()
     )

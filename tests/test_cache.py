@@ -18,8 +18,10 @@ import h5py
 import numpy as np
 import pytest
 
-from cnnexplain import cache as cache_module
-from cnnexplain.cache import FORMAT_VERSIONS, Cache
+from cnnexplain.cache import layout as cache_layout
+from cnnexplain.cache import locks as cache_locks
+from cnnexplain.cache.layout import FORMAT_VERSIONS
+from cnnexplain.cache.store import Cache
 from cnnexplain.errors import CnnexplainError
 
 WORKER = Path(__file__).with_name("cache_worker.py")
@@ -180,7 +182,7 @@ def test_float16_storage_is_part_of_the_key(tmp_path):
     np.testing.assert_allclose(half["W"].astype(np.float32), W / 7, rtol=1e-3)
     with pytest.raises(CnnexplainError) as err:
         cache.get_or_compute("gate", {"model": "big"}, Compute({"W": W * 1e5}), float16=True)
-    one_line_error(err, "float16 range", "--float16")
+    one_line_error(err, "float16 range", "`float16`")
     assert not list(tmp_path.rglob(".cnnexplain-tmp-*"))
     assert len(list(tmp_path.rglob("*.h5"))) == 2
 
@@ -293,7 +295,7 @@ def test_stale_temporary_files_are_ignored_and_swept(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 def test_lock_times_out_in_one_line_and_is_reentrant(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "WAIT_NOTICE_S", 0.05)
+    monkeypatch.setattr(cache_locks, "WAIT_NOTICE_S", 0.05)
     cache = Cache(tmp_path, lock_timeout=0.3)
     key = cache.key("gate", **PARTS)
     fd = held_elsewhere(lock_of(cache, "gate", key))
@@ -303,7 +305,7 @@ def test_lock_times_out_in_one_line_and_is_reentrant(tmp_path, monkeypatch):
             with cache.lock("gate", key, timeout=0.2):
                 pass
         assert time.monotonic() - start < 5
-        one_line_error(err, "timed out", "waiting for the lock", "--cache-dir")
+        one_line_error(err, "timed out", "waiting for the lock", "`cache_dir`")
         compute = Compute()
         with pytest.raises(CnnexplainError, match="timed out"):
             cache.get_or_compute("gate", PARTS, compute)
@@ -355,7 +357,7 @@ def rows(lo, hi):
 
 
 def test_writer_streams_in_chunks_resumes_and_commits(tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_module, "CHUNK_BYTES", 4 * 8)  # 4 rows per chunk
+    monkeypatch.setattr(cache_layout, "CHUNK_BYTES", 4 * 8)  # 4 rows per chunk
     cache = Cache(tmp_path)
     key = cache.key("features", name="stream")
     w = cache.writer("features", key, COLUMNS, total_rows=10, attrs={"note": "streamed"},
@@ -482,10 +484,10 @@ def test_unwritable_cache_dir_is_one_line_at_the_first_write(tmp_path):
         assert cache.load("gate", cache.key("gate", **PARTS)) is None
         with pytest.raises(CnnexplainError) as err:
             cache.get_or_compute("gate", PARTS, Compute())
-        one_line_error(err, "cache directory", "--cache-dir", "CNNEXPLAIN_CACHE")
+        one_line_error(err, "cache directory", "`cache_dir`", "CNNEXPLAIN_CACHE")
         with pytest.raises(CnnexplainError) as err:
             cache.writer("features", cache.key("features", n=1), COLUMNS, 3, {})
-        one_line_error(err, "cache directory", "--cache-dir")
+        one_line_error(err, "cache directory", "`cache_dir`")
     finally:
         (tmp_path / "read-only").chmod(0o700)
 
@@ -495,7 +497,7 @@ def test_a_file_at_the_cache_root_is_one_line(tmp_path):
     root.write_text("x")
     with pytest.raises(CnnexplainError) as err:
         Cache(root)
-    one_line_error(err, str(root), "is a file", "--cache-dir")
+    one_line_error(err, str(root), "is a file", "`cache_dir`")
     Cache(root, enabled=False)  # --no-cache does not care
 
 

@@ -3,6 +3,8 @@ command's help is reflowed to the terminal's width."""
 
 import inspect
 
+import pytest
+
 from cnnexplain.cli.main import _register, app, reflow
 from clihelp import run_cli
 
@@ -23,15 +25,29 @@ def test_reflow_joins_lines_within_paragraphs_but_keeps_list_items_and_paragraph
     assert reflow("single") == "single"
 
 
-def test_help_fills_an_80_column_terminal():
-    """No half-empty lines inside a paragraph of train-gated's help at 80 columns (the hard line
-    breaks of the source used to survive Rich's wrapping)."""
-    r = run_cli("train-gated", "--help", env={"COLUMNS": "80"})
+def test_help_methods_fills_an_80_column_terminal():
+    """No half-empty lines inside a paragraph of train-gated's --help-methods at 80 columns
+    (the hard line breaks of the source used to survive Rich's wrapping)."""
+    r = run_cli("train-gated", "--help-methods", env={"COLUMNS": "80"})
     assert r.code == 0
-    body = r.out.split("╭")[0]  # the description, before the option panels
-    lines = [line.strip() for line in body.splitlines()]
+    lines = [line.strip() for line in r.out.splitlines()]
     paragraph = [line for line in lines if line]
     assert len(paragraph) > 20
     short = [a for a, b in zip(lines, lines[1:]) if a and b and len(a) < 45
              and not b.startswith(("std:", "cdcnn-", "picnn"))]
     assert short == []
+
+
+@pytest.mark.parametrize("command", ["train-gated", "evaluate-entanglement", "saliency",
+                                     "dissect", "tcav", "report"])
+def test_help_opens_with_a_short_description_and_an_example(command):
+    """Each command's --help starts with one to three sentences, then an example, before the
+    options (the long explanations live behind --help-methods and in the README)."""
+    r = run_cli(command, "--help", env={"COLUMNS": "100"})
+    assert r.code == 0
+    body = r.out.split("╭")[0].split("Usage:", 1)[1].split("\n", 1)[1]
+    body = "\n".join(line.strip() for line in body.splitlines())
+    paragraphs = [" ".join(p.split()) for p in body.split("\n\n") if p.strip()]
+    assert 1 <= paragraphs[0].count(". ") + paragraphs[0].endswith(".") <= 3, paragraphs[0]
+    assert paragraphs[1].startswith(f"Example: cnnexplain {command}"), paragraphs[1]
+    assert len(body.splitlines()) < 25

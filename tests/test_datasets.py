@@ -250,7 +250,7 @@ def test_imagefolder_mixed_sizes_and_bad_files(tmp_path):
         "mixed sizes" in line
         and "small.png is 8x8" in line
         and "wide.png is 8x12" in line
-        and "--resize" in line
+        and "`resize" in line
     )
     ds = open_dataset(spec, "train", preprocessing=Preprocessing(resize=6), val_fraction=0.3)
     assert all(ds[i]["image"].shape == (3, 6, 6) for i in range(len(ds)))
@@ -293,7 +293,7 @@ def test_spec_registry_and_errors(tmp_path, broden_export):
         open_dataset("cifar10")
     with pytest.raises(UsageError, match="unknown split 'tets'"):
         open_dataset("synthetic:n=10,res=16", "tets")
-    with pytest.raises(UsageError, match="--categories applies to Broden"):
+    with pytest.raises(UsageError, match="`categories` applies to Broden"):
         open_dataset("synthetic", categories=["object"])
     ds = open_dataset("synthetic:n=10,res=16", "val", limit=1)
     assert isinstance(ds, SyntheticDataset) and len(ds) == 1 and ds.spec == "synthetic:n=10,res=16"
@@ -401,7 +401,7 @@ def test_export_concepts_balances_classes_like_the_random_folders(tmp_path):
     assert labels.count(0) >= 8
     assert json.loads((tmp_path / "raw" / "synthetic.json").read_text())["balance_classes"] is False
     # a concept some class never carries cannot be balanced: one line naming the class, no folder
-    with pytest.raises(CnnexplainError, match=r"star-tip.*class 'circle'.*--no-balance-classes"):
+    with pytest.raises(CnnexplainError, match=r"star-tip.*class 'circle'.*`no_balance_classes=true`"):
         export_concepts(cfg, tmp_path / "never", ["star-tip"], n_per_concept=3, n_random_sets=1)
     assert not (tmp_path / "never").exists()
 

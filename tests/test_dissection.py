@@ -11,9 +11,11 @@ import torch.nn.functional as F
 
 from data_fixtures import _one_thread, broden_export  # noqa: F401  (fixtures)
 
-from cnnexplain.explain.dissection import (
-    ConceptSpace, Tally, accumulate_tallies, activation_for, bilinear_matrix, cluster_rows,
-    detector_summary, iou, label_units, tally_columns, tally_rows, upsample_maps)
+from cnnexplain.explain.dissect.labels import (
+    ConceptSpace, activation_for, cluster_rows, detector_summary, iou, label_units, tally_columns,
+    tally_rows)
+from cnnexplain.explain.dissect.tally import (
+    Tally, accumulate_tallies, bilinear_matrix, upsample_maps)
 
 # ---------------------------------------------------------------------------------------------
 # Brute force (plain loops, float64)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnexplain.explain.quantiles import (
+from cnnexplain.explain.dissect.quantiles import (
     RadixSketch, TopCandidates, exact_thresholds, key_to_float, ordered_keys, sketch_rank,
     top_count, virtual_index)
 

@@ -14,14 +14,14 @@ from torch import nn
 from data_fixtures import _one_thread, broden_export  # noqa: F401  (fixtures)
 from test_dissection import bilinear_loop
 
-from cnnexplain.cache import Cache
+from cnnexplain.cache.store import Cache
 from cnnexplain.data.broden import BrodenDataset
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.errors import CnnexplainError, UsageError
-from cnnexplain.explain.dissect_run import (
+from cnnexplain.explain.dissect.labels import ConceptSpace
+from cnnexplain.explain.dissect.quantiles import sketch_rank
+from cnnexplain.explain.dissect.run import (
     DissectConfig, TopImages, _Shard, check_memory, dissect, plan_layers, shard_range)
-from cnnexplain.explain.dissection import ConceptSpace
-from cnnexplain.explain.quantiles import sketch_rank
 
 PREP = Preprocessing()
 
@@ -262,13 +262,13 @@ def test_top_images_are_the_largest_maxima_with_their_maps(lookup):
 
 def test_validation_before_computation(lookup):
     ds, model, _, _ = lookup
-    with pytest.raises(UsageError, match="--quantile"):
+    with pytest.raises(UsageError, match="`quantile`"):
         DissectConfig(quantile=1.0).validate()
-    with pytest.raises(UsageError, match="--quantile"):
+    with pytest.raises(UsageError, match="`quantile`"):
         DissectConfig(quantile=0.0).validate()
-    with pytest.raises(UsageError, match="--iou-mode"):
+    with pytest.raises(UsageError, match="`iou_mode`"):
         DissectConfig(iou_mode="paper").validate()
-    with pytest.raises(UsageError, match="--quantile-mode"):
+    with pytest.raises(UsageError, match="`quantile_mode`"):
         DissectConfig(quantile_mode="kll").validate()
     with pytest.raises(UsageError, match="does not exist"):
         plan_layers(model, ["nope"], ds, PREP, "cpu")

@@ -13,17 +13,19 @@ import torch
 from torch import nn
 
 from clihelp import assert_one_line_error, run_cli
-from cnnexplain.cache import Cache
+from cnnexplain.cache.store import Cache
 from cnnexplain.data.datasets import open_dataset
 from cnnexplain.data.preprocessing import Preprocessing
-from cnnexplain.metrics.entanglement import (METRICS, PooledTail, evaluate_entanglement,
-                                             gate_statistics, pathway_accuracies, r0_score, r1_score,
+from cnnexplain.explain.entanglement import evaluate_entanglement
+from cnnexplain.metrics.entanglement import (METRICS, PooledTail, gate_statistics,
+                                             pathway_accuracies, r0_score, r1_score,
                                              tail_starts_with_gap)
 from cnnexplain.models import zoo
 from cnnexplain.models.gates import METHODS
 from cnnexplain.models.layers import split_at
 from cnnexplain.models.loading import load_model
-from cnnexplain.training import TrainConfig, Trainer
+from cnnexplain.config.train import TrainConfig
+from cnnexplain.training.loop import Trainer
 
 WORLD = "synthetic:n=48,nval=16,ntest=24,res=32"
 

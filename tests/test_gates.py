@@ -166,7 +166,7 @@ def test_gate_samples_all_counts_every_sample_with_the_same_masks():
         assert torch.equal(dm.weight, torch.tensor([1.0, 1.0, 0.0, 0.0]))
         assert torch.equal(da.weight, torch.ones(4))
         assert every.describe()["samples"] == "all"
-    with pytest.raises(UsageError, match="--gate-samples"):
+    with pytest.raises(UsageError, match="`gate_samples`"):
         PICNNGate(4, 2, samples="some")
 
 
@@ -221,7 +221,7 @@ def test_frozen_gated_tail_trains_body_and_gate_but_not_the_tail():
     for i in (2, 3):
         assert torch.allclose(grads["shared"][i], grads["frozen"][i], atol=1e-6)
         assert grads["frozen"][i].abs().sum() > 0
-    with pytest.raises(UsageError, match="--gated-tail"):
+    with pytest.raises(UsageError, match="`gated_tail`"):
         GatedNetwork(body, tail, None, gated_tail="detached")
 
 

@@ -8,7 +8,7 @@ import typer
 
 from cnnexplain.cli import _click
 from cnnexplain.errors import UsageError
-from cnnexplain.recipes import expand_recipe
+from cnnexplain.cli.recipes import expand_recipe
 
 seen: dict = {}
 app = typer.Typer()

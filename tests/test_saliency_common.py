@@ -148,13 +148,15 @@ def test_bad_inputs_are_refused():
         METHODS["gradcam"].attribute(model, torch.zeros(1, 3, 32, 32), torch.tensor([0]))
 
 
-def test_options_validation_names_the_flag():
-    with pytest.raises(UsageError, match="--smoothgrad-samples"):
+def test_options_validation_names_the_field():
+    with pytest.raises(UsageError, match="`smoothgrad_samples` must be at least 1"):
         MethodOptions(smoothgrad_samples=0).validate()
-    with pytest.raises(UsageError, match="--ig-method"):
+    with pytest.raises(UsageError, match="unknown `ig_method` 'simpson'"):
         MethodOptions(ig_method="simpson").validate()
-    with pytest.raises(UsageError, match="--lrp-epsilon"):
+    with pytest.raises(UsageError, match="`lrp_epsilon` must be greater than 0"):
         MethodOptions(lrp_epsilon=-1).validate()
+    with pytest.raises(UsageError, match="finite"):
+        MethodOptions(smoothgrad_sigma=float("nan")).validate()
     assert MethodOptions().validate() == MethodOptions()
 
 

@@ -18,7 +18,7 @@ import torch
 from cnnexplain.explain.saliency import MethodOptions
 from cnnexplain.explain.saliency import pipeline
 from cnnexplain.explain.saliency.evaluation import EvalOptions
-from cnnexplain.explain.saliency.inputs import from_dataset
+from cnnexplain.explain.saliency.inputs import TargetSpec, from_dataset
 from cnnexplain.models.loading import load_model
 
 
@@ -30,8 +30,10 @@ def correlations():
         loaded = load_model(backbone="smallcnn", num_classes=6)
         images = from_dataset("synthetic:n=60,res=32,second=1.0", "val", loaded.preprocessing,
                               limit=12)
-        plan = pipeline.plan(loaded, images, "lrp-zplus,guided-backprop,clrp1,clrp2,gradcam",
-                             "label", None, MethodOptions(), batch_size=12, device="cpu",
+        plan = pipeline.plan(loaded, images, ["lrp-zplus", "guided-backprop", "clrp1", "clrp2",
+                                              "gradcam"],
+                             TargetSpec.parse("label"), None, MethodOptions(), batch_size=12,
+                             device="cpu",
                              seed=seed, evaluate=True, metrics=["discriminativeness"],
                              eval_options=EvalOptions())
         outcome = pipeline.execute(plan)
@@ -54,7 +56,8 @@ def test_discriminativeness_needs_two_object_images():
     torch.manual_seed(0)
     loaded = load_model(backbone="smallcnn", num_classes=6)
     images = from_dataset("synthetic:n=20,res=32", "val", loaded.preprocessing, limit=3)
-    plan = pipeline.plan(loaded, images, "gradcam", "label", None, MethodOptions(), 4, "cpu",
+    plan = pipeline.plan(loaded, images, ["gradcam"], TargetSpec.parse("label"), None,
+                         MethodOptions(), 4, "cpu",
                          evaluate=True, metrics=["discriminativeness"])
     ev = pipeline.execute(plan).evaluation
     assert np.isnan(ev["class_map_correlation"]).all()

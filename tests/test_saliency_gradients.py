@@ -179,5 +179,5 @@ def test_smoothgrad_refuses_a_non_gradient_base():
 
     model, x, t = _pair("smallcnn")
     ctx = Context(options=MethodOptions(smoothgrad_base="gradcam"))
-    with pytest.raises(UsageError, match="smoothgrad-base"):
+    with pytest.raises(UsageError, match="`smoothgrad_base`"):
         METHODS["smoothgrad"].attribute(model, x, t, context=ctx)

@@ -19,7 +19,7 @@ from torch import nn
 from clihelp import assert_one_line_error, run_inproc, snapshot
 from data_fixtures import _one_thread, broden_export  # noqa: F401
 
-from cnnexplain.cache import Cache
+from cnnexplain.cache.store import Cache
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.data.synthetic import SyntheticDataset, WorldConfig
 from cnnexplain.errors import CnnexplainError, UsageError
@@ -290,9 +290,9 @@ def test_cav_split_is_stratified_seeded_and_truncated():
         T.train_cav(pos[:1], neg, seed=0)
     with pytest.raises(CnnexplainError, match="no direction"):
         T.train_cav(np.ones((6, 4)), np.ones((6, 4)), seed=0)
-    with pytest.raises(UsageError, match="--cav-loss"):
+    with pytest.raises(UsageError, match="unknown `loss` 'svm'"):
         T.train_cav(pos, neg, T.CAVConfig(loss="svm"))
-    with pytest.raises(UsageError, match="--concept-subsample"):
+    with pytest.raises(UsageError, match="concept subsample must be in"):
         T.train_cav(pos, neg, subsample=0.0)
     with pytest.raises(CnnexplainError, match="too small"):
         T.train_cav(pos[:2], neg, subsample=0.5)
@@ -367,9 +367,9 @@ def test_subsample_ttest_edge_cases():
     assert floored.statistic == pytest.approx(1.0 / np.sqrt(0.09 * (1 + 1 / 3)))
     assert subsample_ttest([0.0, 2.0], 0.5, min_variance=0.09).statistic == pytest.approx(
         subsample_ttest([0.0, 2.0], 0.5).statistic)  # above the floor: unchanged
-    with pytest.raises(UsageError, match="--random-runs"):
+    with pytest.raises(UsageError, match="`random_runs=2`"):
         subsample_ttest([1.0], 0.5)
-    with pytest.raises(UsageError, match="--concept-subsample"):
+    with pytest.raises(UsageError, match="`concept_subsample=0.5`"):
         subsample_ttest([1.0, 2.0], 1.0)
 
 
@@ -498,9 +498,9 @@ def test_summary_statistics_and_correction():
     off = off[off["concept"] == "strong"]
     assert off["p_value"].to_numpy() == pytest.approx([raw, raw], rel=1e-9)
     assert off["significant"].all()
-    with pytest.raises(UsageError, match="--random-runs must be at least 2"):
+    with pytest.raises(UsageError, match="`random_runs` must be at least 2"):
         T.TCAVConfig(random_runs=1).validate()
-    with pytest.raises(UsageError, match="--concept-subsample must be in"):
+    with pytest.raises(UsageError, match="`concept_subsample` must be in"):
         T.TCAVConfig(concept_subsample=1.5).validate()
 
 

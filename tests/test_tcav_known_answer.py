@@ -32,7 +32,7 @@ from scipy import stats as scipy_stats
 from clihelp import run_cli
 from data_fixtures import _one_thread  # noqa: F401  (one torch thread: shared cores)
 
-from cnnexplain.cache import Cache
+from cnnexplain.cache.store import Cache
 from cnnexplain.data.base import make_loader
 from cnnexplain.data.datasets import open_dataset
 from cnnexplain.data.export import export_concepts

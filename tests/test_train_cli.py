@@ -18,7 +18,7 @@ import torch
 
 from clihelp import assert_one_line_error, run_cli, snapshot
 from cnnexplain.models.checkpoint import load_checkpoint
-from cnnexplain.training import LOG_COLUMNS
+from cnnexplain.training.loop import LOG_COLUMNS
 
 WORLD = "synthetic:n=64,nval=16,ntest=16,res=32"
 BASE = ["train-gated", "--backbone", "smallcnn", "--dataset", WORLD, "--batch-size", "16",
@@ -72,7 +72,7 @@ def test_tiny_cifar_file_set(tmp_path):
     (["--resume"], 2, ["nothing to resume"]),
     (["--dataset", "cifar10:/nonexistent/dir"], 1, ["not found"]),
     (["--val-fraction", "0"], 2, ["--val-fraction"]),
-    (["--method", "cdcnn-r1p2", "--lambda-neg", "-1"], 2, ["--lambda-neg must be >= 0", "got -1"]),
+    (["--method", "cdcnn-r1p2", "--lambda-neg", "-1"], 2, ["--lambda-neg must be at least 0", "got -1"]),
 ])
 def test_bad_input_leaves_no_file(tmp_path, args, code, words):
     out = tmp_path / "out"
@@ -161,7 +161,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
                          ids=["picnn", "cdcnn-r1p2-neg"])
 def test_torchrun_two_cpu_processes_match_a_single_process(tmp_path, method):
     """DDP (gloo) with the same global batch as one process. BatchNorm uses global batch
-    statistics (cnnexplain.training.sync_batchnorm_) and every gate draw (the wrong-mask classes of
+    statistics (cnnexplain.training.distributed.sync_batchnorm_) and every gate draw (the wrong-mask classes of
     --lambda-neg too) is cut from the global batch's draw, so the two runs compute the same
     function; they differ only in float summation order (per-rank partial sums all-reduced vs one
     sum), which SGD amplifies mildly over the 8 steps: weights must agree to 1e-4 absolute, gates

@@ -14,8 +14,9 @@ from cnnexplain.data.synthetic import SyntheticDataset, WorldConfig
 from cnnexplain.errors import CnnexplainError, UsageError
 from cnnexplain.models.checkpoint import load_checkpoint
 from cnnexplain.models.gates import METHODS
-from cnnexplain.training import (LOG_COLUMNS, EpochBatches, TrainConfig, Trainer, _lr_factor,
-                                 epoch_order, wrong_mask_loss)
+from cnnexplain.config.train import TrainConfig
+from cnnexplain.training.loop import LOG_COLUMNS, Trainer, _lr_factor, wrong_mask_loss
+from cnnexplain.training.state import EpochBatches, epoch_order
 
 PREP = Preprocessing()
 
@@ -86,7 +87,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, method, extra
 def test_resume_refuses_other_options_and_missing_checkpoint(tmp_path):
     prepare(tmp_path, "r", method="picnn", epochs=2).run(stop_after=1)
     train, val = world()
-    with pytest.raises(UsageError, match="--lambda 3.0 differs"):
+    with pytest.raises(UsageError, match="`lam` 3.0 differs"):
         Trainer.prepare(TrainConfig(backbone="smallcnn", batch_size=16, epochs=2, lam=3.0), train,
                         val, class_names=train.class_names, preprocessing=PREP,
                         out=tmp_path / "r", resume=True)
@@ -131,8 +132,8 @@ def test_nan_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
                          preprocessing=PREP, out=tmp_path / "nan", resume=True, workers=1)
     with pytest.raises(CnnexplainError) as err:
         t2.run()
-    assert str(err.value) == ("loss term L_dis became NaN at epoch 2 step 1; lower --lr / "
-                              "--gate-lr or enable --grad-clip")
+    assert str(err.value) == ("loss term L_dis became NaN at epoch 2 step 1; lower `lr` / "
+                              "`gate_lr` or enable `grad_clip`")
     assert ckpt.read_bytes() == before
     assert load_checkpoint(ckpt).train_state["epoch"] == 1
 
@@ -207,9 +208,9 @@ def test_leakage_diagnostics_in_the_log(tmp_path):
     assert 0 <= row["gated_follows_mask"] <= 1 and 0 < row["pseudo_match"] < 1
     ck = load_checkpoint(r.checkpoint)
     assert ck.meta["gate"]["samples"] == "all"
-    with pytest.raises(UsageError, match="--gate-samples must be one of matched, all"):
+    with pytest.raises(UsageError, match="`gate_samples` 'some'; choose one of: matched, all"):
         TrainConfig(gate_samples="some").validate()
-    with pytest.raises(UsageError, match="--gated-tail must be one of shared, frozen"):
+    with pytest.raises(UsageError, match="`gated_tail` 'detached'; choose one of: shared, frozen"):
         TrainConfig(gated_tail="detached").validate()
 
 
@@ -239,7 +240,7 @@ def test_wrong_mask_term_is_logged_and_trains(tmp_path):
     assert load_checkpoint(r.checkpoint).meta["training"]["lambda_neg"] == 2.0
     off = prepare(tmp_path, "off", method="cdcnn-r1p2", epochs=1).run()
     assert math.isnan(off.log[-1]["loss_neg"])
-    with pytest.raises(UsageError, match="--lambda-neg must be >= 0"):
+    with pytest.raises(UsageError, match="`lambda_neg` must be at least 0"):
         TrainConfig(lambda_neg=-1).validate()
 
 
@@ -258,13 +259,13 @@ def test_data_order_depends_only_on_seed_and_epoch_and_ranks_partition_the_batch
 
 def test_validation_errors_before_anything_is_written(tmp_path):
     train, val = world(n=20)
-    with pytest.raises(UsageError, match="fewer than --batch-size"):
+    with pytest.raises(UsageError, match="fewer than `batch_size="):
         Trainer.prepare(TrainConfig(backbone="smallcnn", batch_size=64), train, val,
                         class_names=train.class_names, preprocessing=PREP, out=tmp_path / "x")
-    with pytest.raises(UsageError, match="--num-classes 3 does not match"):
+    with pytest.raises(UsageError, match="`num_classes=3` does not match"):
         Trainer.prepare(TrainConfig(backbone="smallcnn", batch_size=4, num_classes=3), train, val,
                         class_names=train.class_names, preprocessing=PREP, out=tmp_path / "x")
-    with pytest.raises(UsageError, match="--gate-warmup"):
+    with pytest.raises(UsageError, match="`gate_warmup`"):
         TrainConfig(epochs=2, gate_warmup=2).validate()
     assert not (tmp_path / "x").exists()
 
@@ -308,7 +309,8 @@ def test_insert_conv_gates_the_new_filters(tmp_path):
 
 
 def test_augmentation_is_a_function_of_the_global_batch_draws():
-    from cnnexplain.training import augment_batch, generator
+    from cnnexplain.training.augment import augment_batch
+    from cnnexplain.training.state import generator
 
     x = torch.rand(8, 3, 16, 16)
     full = augment_batch(x, "flip-crop", generator(0, "augment", 1, 2))

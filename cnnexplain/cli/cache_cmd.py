@@ -4,26 +4,21 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Optional
-
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from cnnexplain.cli import options as O
+from cnnexplain.cli.declare import command
 from cnnexplain.cli.main import app
+from cnnexplain.config.info import CacheOptions
 
 cache_app = typer.Typer(help="Inspect or clear the HDF5 cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
-Kind = Annotated[Optional[str], typer.Option("--kind", help="Only entries of this kind "
-                                             "(activations, gate, saliency, dissection, cav, ...).")]
 
-
-@cache_app.command("info")
-def info(kind: Kind = None, cache_dir: O.CacheDir = None, json_output: O.Json = False):
-    """List cache entries: kind, key, size, status and what produced them."""
-    from cnnexplain.cache import Cache
+def info(options: CacheOptions):
+    kind, cache_dir, json_output = options.kind, options.cache_dir, options.json_output
+    from cnnexplain.cache.store import Cache
 
     cache = Cache(cache_dir)
     rows = [r for r in cache.info() if kind is None or r["kind"] == kind]
@@ -42,10 +37,9 @@ def info(kind: Kind = None, cache_dir: O.CacheDir = None, json_output: O.Json = 
     Console().print(f"{len(rows)} entries, {_human(total)}")
 
 
-@cache_app.command("clear")
-def clear(kind: Kind = None, cache_dir: O.CacheDir = None, json_output: O.Json = False):
-    """Remove cache entries (all, or of one --kind); entries being written are left alone."""
-    from cnnexplain.cache import Cache
+def clear(options: CacheOptions):
+    kind, cache_dir, json_output = options.kind, options.cache_dir, options.json_output
+    from cnnexplain.cache.store import Cache
 
     cache = Cache(cache_dir)
     n = cache.clear(kind)
@@ -61,3 +55,10 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+command(cache_app, "info", CacheOptions, info,
+        help="List cache entries: kind, key, size, status and what produced them.")
+command(cache_app, "clear", CacheOptions, clear,
+        help="Remove cache entries (all, or of one --kind); entries being written are left "
+             "alone.")

@@ -11,7 +11,7 @@ import typer
 from cnnexplain import __version__, interrupt
 from cnnexplain.cli import _click as click
 from cnnexplain.errors import CnnexplainError
-from cnnexplain.recipes import expand_recipe
+from cnnexplain.cli.recipes import expand_recipe
 
 app = typer.Typer(
     name="cnnexplain",
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         _say(exc.format_message())
         code = exc.exit_code
     except CnnexplainError as exc:
-        _say(exc.line())
+        keys = [origin[f] for f in getattr(exc, "fields", []) if f in origin]
+        _say(f"recipe key {keys[0]!r}: {exc.line()}; fix the recipe" if keys else exc.line())
         code = exc.exit_code
     except KeyboardInterrupt:
         _say("interrupted; nothing partial was written (results are written atomically)")

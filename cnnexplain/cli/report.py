@@ -1,54 +1,33 @@
-"""``cnnexplain report RUN_DIR [RUN_DIR ...]``: tables, summary.csv and one HTML page."""
+"""``cnnexplain report RUN_DIR [RUN_DIR ...]``: options, one job, tables."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
-import typer
 from rich.table import Table
 
-from cnnexplain.cli import options as O
-from cnnexplain.cli.common import start_run
+from cnnexplain.cli.common import run_job
+from cnnexplain.cli.declare import command
 from cnnexplain.cli.main import app
-from cnnexplain.errors import UsageError
+from cnnexplain.config.report import ReportOptions
+
+HELP = """Turn run directories into one report: Rich tables, summary.csv and index.html.
+
+Example: cnnexplain report runs/std runs/picnn --out runs
+
+Writes report/summary.csv (one row per run) and report/index.html: training curves, gate
+heatmaps, entanglement side by side, saliency grids, dissection bars and top concepts, TCAV bars
+with significance. Missing sections are simply left out. --out defaults to the run directory
+(one run) or the runs' common parent."""
 
 
-def _default_out(dirs: list[Path]) -> Path:
-    """The run directory itself for one run; the runs' common parent for several."""
-    if len(dirs) == 1:
-        return dirs[0]
-    import os
+def report(options: ReportOptions):
+    from cnnexplain.jobs import report as job
 
-    return Path(os.path.commonpath([str(d.resolve()) for d in dirs]))
+    run_job(job, options, render)
+    return 0
 
 
-@app.command("report")
-def report(run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (from train-gated, "
-                                                           "evaluate-entanglement, saliency, dissect, tcav).",
-                                                           show_default=False)],
-           out: O.Out = None, quiet: O.Quiet = False, json_output: O.Json = False,
-           recipe: O.Recipe = None):
-    """Turn run directories into one report: Rich tables, summary.csv and index.html.
-
-    Writes report/summary.csv (one row per run) and report/index.html: training curves, gate heatmaps, entanglement side by side, saliency grids,
-    dissection bars and top concepts, TCAV bars with significance. Missing sections are simply
-    left out. --out defaults to the run directory (one run) or the runs' common parent."""
-    for d in run_dirs:
-        if not d.is_dir():
-            raise UsageError(f"run directory {d} does not exist" if not d.exists()
-                             else f"{d} is a file, not a run directory",
-                             "pass directories written with --out by other cnnexplain commands")
-    if out is None:
-        out = _default_out(run_dirs)
-    locals_ = dict(locals())
-    run = start_run("report", locals_)
-    from cnnexplain.report.build import build_report
-
-    rep = build_report(run_dirs, run.out, notice=run.notice)
-    for r in rep.runs:
-        if not r.sections:
-            run.notice(f"{r.path} holds no cnnexplain results yet")
+def render(output, term) -> None:
+    rep = output.result
     table = Table(title="runs")
     show = rep.summary.drop(columns=["path"], errors="ignore")
     show = show[[c for c in show.columns if show[c].notna().any()]]
@@ -56,7 +35,7 @@ def report(run_dirs: Annotated[list[Path], typer.Argument(help="Run directories 
         table.add_column(str(c), overflow="fold")
     for _, row in show.iterrows():
         table.add_row(*[_fmt(v) for v in row])
-    run.print(table)
+    term.print(table)
     if rep.metrics is not None:
         mt = Table(title="entanglement")
         mt.add_column("metric")
@@ -64,15 +43,14 @@ def report(run_dirs: Annotated[list[Path], typer.Argument(help="Run directories 
             mt.add_column(str(c))
         for metric, row in rep.metrics.iterrows():
             mt.add_row(str(metric), *[_fmt(v) for v in row])
-        run.print(mt)
-    run.print(f"report: {rep.index}")
-    run.finish(summary={"index": str(rep.index), "runs": [str(d) for d in run_dirs],
-                        "sections": {r.name: r.sections for r in rep.runs}},
-               results=rep.files)
-    return 0
+        term.print(mt)
+    term.print(f"report: {rep.index}")
 
 
 def _fmt(v) -> str:
     if isinstance(v, float):
         return "" if v != v else f"{v:.4g}"
     return "" if v is None else str(v)
+
+
+command(app, "report", ReportOptions, report, help=HELP)

@@ -57,10 +57,10 @@ SAMPLE_DECODE_ROWS = 8  # rows whose masks are decoded on open to check label nu
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 GET_BRODEN = ("point broden:ROOT at a copy of Broden (NetDissect-Lite's script/dlbroden.sh "
-              "downloads broden1_224) or generate one with `cnnexplain data synth --format broden "
-              "--out DIR`")
-FIX_BRODEN = ("repair the listed files, or regenerate the dataset (`cnnexplain data synth "
-              "--format broden` writes a valid one)")
+              "downloads broden1_224) or generate one with `cnnexplain data synth` "
+              "in the Broden format")
+FIX_BRODEN = ("repair the listed files, or regenerate the dataset (`cnnexplain data synth` "
+              "writes a valid one in the Broden format)")
 
 # ---------------------------------------------------------------------------------------------
 # Encoding helpers
@@ -334,7 +334,7 @@ class BrodenDataset(ImageDataset):
         self.split = None if split in (None, "all") else split
         self.limit = limit
         if limit is not None and int(limit) < 1:
-            raise UsageError(f"--limit must be >= 1, got {limit}", "pass e.g. --limit 100")
+            raise UsageError(f"`limit` must be >= 1, got {limit}", "pass e.g. `limit=100`")
         if not self.root.is_dir():
             raise CnnexplainError(f"Broden dataset not found: {self.root} is not a directory "
                                   "(expected index.csv, label.csv, category.csv, images/ in it)",
@@ -526,7 +526,7 @@ class BrodenDataset(ImageDataset):
                 if (r.ih, r.iw) != (first.ih, first.iw):
                     problems.add(f"images have mixed sizes ({first.ih}x{first.iw} at index.csv "
                                  f"line {first.line}, {r.ih}x{r.iw} at line {r.line}); "
-                                 "pass --resize")
+                                 "pass `resize`")
                     break
         self.image_size = (first.ih, first.iw)
         self.mask_size = (first.sh, first.sw)
@@ -557,7 +557,7 @@ class BrodenDataset(ImageDataset):
             if not rows:
                 raise CnnexplainError(f"no images with split {self.split!r} in "
                                       f"{self.root / 'index.csv'} (it has: {', '.join(present)})",
-                                      f"pass --split {' or '.join(present)} or all")
+                                      f"pass `split` {' or '.join(present)} or all")
         if self.limit is not None:
             rows = rows[: int(self.limit)]
         return rows

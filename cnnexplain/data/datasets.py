@@ -1,4 +1,4 @@
-"""Dataset specs: the string every command's ``--dataset`` takes, and the real datasets on disk.
+"""Dataset specs: the string every command's ``dataset`` takes, and the real datasets on disk.
 
     synthetic[:KEY=VALUE,...]   the synthetic world (default; grammar in cnnexplain.data.synthetic)
     cifar10:ROOT                CIFAR-10, python or binary version
@@ -24,7 +24,7 @@ then excludes those images). ``limit`` keeps the first N images of the split.
 Image folders: images of any size and mode are read with PIL. Grayscale (1, L, I, I;16, F) is
 replicated to three channels (16-bit scaled to 8 bits); images with transparency (RGBA, LA, P
 with a transparent colour) are alpha-composited onto white; other modes (CMYK, YCbCr, ...) are
-converted by PIL. Images of mixed sizes need ``preprocessing.resize`` (``--resize``).
+converted by PIL. Images of mixed sizes need ``preprocessing.resize`` (``resize``).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def carve_val(n: int, seed: int, val_fraction: float) -> tuple[np.ndarray, np.nd
     """Split range(n) into (train, val) index arrays, both sorted: val is the first
     max(1, round(n * val_fraction)) of ``np.random.default_rng(seed).permutation(n)``."""
     if not 0.0 < val_fraction < 1.0:
-        raise UsageError(f"--val-fraction must be in (0, 1), got {val_fraction}",
-                         "pass e.g. --val-fraction 0.1")
+        raise UsageError(f"`val_fraction` must be in (0, 1), got {val_fraction}",
+                         "pass e.g. `val_fraction=0.1`")
     if n < 2:
         raise CnnexplainError(f"cannot carve a validation split from {n} training image(s)",
                               "add training images or provide a val/ split")
@@ -72,7 +72,7 @@ def carve_val(n: int, seed: int, val_fraction: float) -> tuple[np.ndarray, np.nd
 def _check_split(split: str, allowed: Sequence[str] = SPLITS) -> str:
     if split not in allowed:
         raise UsageError(f"unknown split {split!r}{close_matches(str(split), allowed)}",
-                         f"pass --split {', '.join(allowed[:-1])} or {allowed[-1]}")
+                         f"pass `split` {', '.join(allowed[:-1])} or {allowed[-1]}")
     return split
 
 
@@ -80,7 +80,7 @@ def _limit(indices: np.ndarray, limit: int | None) -> np.ndarray:
     if limit is None:
         return indices
     if int(limit) < 1:
-        raise UsageError(f"--limit must be >= 1, got {limit}", "pass e.g. --limit 100")
+        raise UsageError(f"`limit` must be >= 1, got {limit}", "pass e.g. `limit=100`")
     return indices[: int(limit)]
 
 
@@ -476,7 +476,7 @@ class ImageFileDataset(ImageDataset):
             elif size != first_size:
                 raise CnnexplainError(
                     f"images have mixed sizes: {first} is {first_size[0]}x{first_size[1]}, "
-                    f"{p} is {size[0]}x{size[1]}", "pass --resize N to resize every image to N x N")
+                    f"{p} is {size[0]}x{size[1]}", "pass `resize=N` to resize every image to N x N")
         return first_size
 
     def __len__(self) -> int:
@@ -488,7 +488,7 @@ class ImageFileDataset(ImageDataset):
         if self.image_size is not None and arr.shape[:2] != self.image_size:
             raise CnnexplainError(f"image {path} is {arr.shape[0]}x{arr.shape[1]}, the others "
                                   f"{self.image_size[0]}x{self.image_size[1]}",
-                                  "pass --resize N to resize every image to N x N")
+                                  "pass `resize=N` to resize every image to N x N")
         return {"image": self.preprocessing.resize_image(image_tensor(arr)),
                 "label": torch.tensor(self.labels[int(i)], dtype=torch.int64),
                 "index": torch.tensor(int(i), dtype=torch.int64)}
@@ -562,7 +562,7 @@ def _open_imagefolder(root: str, args: "OpenArgs") -> ImageFileDataset:
                                   f"add images under {own}/<class>/")
     elif split == "test":
         raise CnnexplainError(f"{root_p} has no test split",
-                              f"add {root_p / 'test'}/<class>/ images or use --split val")
+                              f"add {root_p / 'test'}/<class>/ images or use `split=val`")
     else:
         files, labels = flatten(tree, train_dir)
         train_has_own_val = split_dirs and (root_p / "val").is_dir()
@@ -584,7 +584,7 @@ def list_concept_folders(root: str | os.PathLike) -> dict[str, list[str]]:
     root_p = Path(root).expanduser()
     if not root_p.is_dir():
         raise CnnexplainError(f"concept folder root {root_p} does not exist",
-                              "create it with `cnnexplain data synth --format concepts --out DIR`")
+                              "create it with `cnnexplain data synth` in the concepts format")
     names = [d.name for d in sorted(root_p.iterdir())
              if d.is_dir() and not d.name.startswith(".") and image_files(d)]
     return {"concepts": [n for n in names if not n.startswith("random")],
@@ -631,7 +631,7 @@ class OpenArgs:
 def _open_synthetic(rest: str, args: OpenArgs) -> SyntheticDataset:
     config = WorldConfig.from_spec("synthetic" + (f":{rest}" if rest else ""))
     if args.limit is not None and int(args.limit) < 1:
-        raise UsageError(f"--limit must be >= 1, got {args.limit}", "pass e.g. --limit 100")
+        raise UsageError(f"`limit` must be >= 1, got {args.limit}", "pass e.g. `limit=100`")
     return SyntheticDataset(config, _check_split(args.split), args.preprocessing, args.limit)
 
 
@@ -694,8 +694,8 @@ def open_dataset(spec: str = "synthetic", split: str = "train",
     ``categories``: Broden categories to keep (Broden only)."""
     kind, rest = parse_spec(spec)
     if categories is not None and kind.prefix != "broden":
-        raise UsageError(f"--categories applies to Broden datasets, not {kind.prefix}",
-                         "drop --categories or use --dataset broden:ROOT")
+        raise UsageError(f"`categories` applies to Broden datasets, not {kind.prefix}",
+                         "drop `categories` or use `dataset=broden:ROOT`")
     args = OpenArgs(kind.prefix, split, preprocessing, limit, int(seed), float(val_fraction),
                     tuple(categories) if categories is not None else None)
     return kind.open(rest, args)

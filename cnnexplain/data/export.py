@@ -41,13 +41,13 @@ def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     out = Path(out_dir)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise CnnexplainError(f"{out} already exists and is not empty",
-                              "choose another --out or pass --overwrite")
+                              "choose another `out` or pass `overwrite=true`")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent))
     except OSError as exc:
         raise CnnexplainError(f"cannot create {out}: {exc.strerror or exc}",
-                              "choose a writable --out") from None
+                              "choose a writable `out`") from None
     try:
         yield tmp
         old = None
@@ -145,7 +145,7 @@ def export_concepts(config: WorldConfig, out_dir: str | os.PathLike, concepts: S
     by concept -- its CAV then also points at the class, which biases TCAV (see
     :mod:`cnnexplain.explain.tcav`). An image is taken for a concept only while its class has
     no more images in the folder than any class still short of its quota, so every prefix of
-    the folder in file order (``cnnexplain tcav --images-per-set N`` reads the first N files)
+    the folder in file order (``cnnexplain tcav`` with ``images_per_set`` N reads the first N files)
     is balanced too, to within one image per class.
 
     At most ``MAX_RENDERS_PER_IMAGE * n_per_concept`` images are rendered; a concept (with
@@ -154,10 +154,10 @@ def export_concepts(config: WorldConfig, out_dir: str | os.PathLike, concepts: S
     per folder; ``synthetic.json`` also records the class counts of every folder.
     """
     if not concepts:
-        raise UsageError("no concepts to export", "pass e.g. --concepts striped,red-c,star-tip")
+        raise UsageError("no concepts to export", "pass e.g. `concepts=striped,red-c,star-tip`")
     if n_per_concept < 1 or n_random_sets < 0:
-        raise UsageError("--n-per-concept must be >= 1 and --random-sets >= 0",
-                         "pass e.g. --n-per-concept 50 --random-sets 5")
+        raise UsageError("`n_per_concept` must be >= 1 and `random_sets` >= 0",
+                         "pass e.g. `n_per_concept=50` `random_sets=5`")
     numbers = {c: ONTOLOGY.number(c) for c in concepts}
     n_random = n_per_concept if n_random is None else int(n_random)
     n_classes = len(config.classes)
@@ -214,11 +214,11 @@ def export_concepts(config: WorldConfig, out_dir: str | os.PathLike, concepts: S
                     f"{per_class[c][k]} of {checked[c][k]} checked images of class "
                     f"{config.classes[k]!r}, but a class-balanced folder of {n_per_concept} "
                     f"images needs {quota[k]} per class",
-                    "lower --per-concept or --min-coverage, or export without class "
-                    f"balancing (--no-balance-classes){plant}")
+                    "lower `per_concept` or `min_coverage`, or export without class "
+                    f"balancing (`no_balance_classes=true`){plant}")
             raise CnnexplainError(
                 f"concept {c!r} is present (coverage >= {min_coverage:g}) in only {got} of "
-                f"{budget} rendered images", f"lower --per-concept or --min-coverage{plant}")
+                f"{budget} rendered images", f"lower `per_concept` or `min_coverage`{plant}")
         for c in numbers:
             counts[c] = len(found[c])
             class_counts[c] = dict(zip(config.classes, per_class[c]))

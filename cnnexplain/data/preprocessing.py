@@ -8,7 +8,7 @@ another normalization, 15-30% of a layer's units change their dissection label (
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn.functional as F
@@ -31,15 +31,15 @@ class Preprocessing:
 
     def __post_init__(self):
         if self.resize is not None and int(self.resize) <= 0:
-            raise UsageError(f"--resize must be a positive number of pixels, got {self.resize}",
-                             "pass e.g. --resize 64, or leave it out to keep the native size")
+            raise UsageError(f"`resize` must be a positive number of pixels, got {self.resize}",
+                             "pass e.g. `resize=64`, or leave it out to keep the native size")
         for name, v in (("mean", self.mean), ("std", self.std)):
             if len(v) != 3:
                 raise UsageError(f"--{name} needs 3 comma-separated values (R,G,B), got {list(v)}",
                                  f"pass e.g. --{name} 0.5,0.5,0.5")
         if any(s <= 0 for s in self.std):
-            raise UsageError(f"--std values must be positive, got {list(self.std)}",
-                             "pass e.g. --std 0.229,0.224,0.225")
+            raise UsageError(f"`std` values must be positive, got {list(self.std)}",
+                             "pass e.g. `std=0.229,0.224,0.225`")
         object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
         object.__setattr__(self, "std", tuple(float(x) for x in self.std))
 

@@ -27,7 +27,7 @@ corner region) appears with probability ``strength`` in one class and with proba
 :data:`HANS_ELSEWHERE` in the others; a *second object* of another class appears with a given
 probability, placed so that it does not overlap the main one when possible.
 
-Dataset spec grammar (``--dataset``; keys in any order, each at most once except ``correlate``)::
+Dataset spec grammar (``dataset``; keys in any order, each at most once except ``correlate``)::
 
     synthetic[:KEY=VALUE[,KEY=VALUE...]]
       n=INT              images in the train split (default 2000)
@@ -398,7 +398,7 @@ class WorldConfig:
                              "use a resolution of 16 pixels or more (32 for tests, 64 default)")
         if self.num_images < 1:
             raise UsageError(f"synthetic num_images must be >= 1, got {self.num_images}",
-                             "pass e.g. --num-images 600")
+                             "pass e.g. `num_images=600`")
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
             raise UsageError("synthetic classes must be >= 2 distinct shapes, got "
                              f"{list(self.classes)}",
@@ -546,7 +546,7 @@ _SPEC_KEYS: dict[str, tuple[str, Callable]] = {
 def check_split(split: str) -> str:
     if split not in SPLIT_OFFSETS:
         raise UsageError(f"unknown split {split!r}{close_matches(str(split), SPLIT_OFFSETS)}",
-                         "pass --split train, val or test")
+                         "pass `split` train, val or test")
     return split
 
 

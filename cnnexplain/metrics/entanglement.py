@@ -356,7 +356,7 @@ def gate_statistics(matrix: torch.Tensor, threshold: float = 0.5) -> dict:
 METRIC_NOTES = {
     "ACC1": "accuracy of the full pathway",
     "ACC2": "only the predicted class's cluster; seed 004: pseudo-label and Bernoulli mask drawn "
-            "once per image, mean (std) over --draws draws",
+            "once per image, mean (std) over `draws` draws",
     "ACC3": "all channels but the true class's cluster; Bernoulli draws as ACC2 (lower = more "
             "class-specific)",
     "ACC2_det": "ACC2 with argmax prediction and the thresholded cluster",
@@ -383,241 +383,10 @@ METRIC_NOTES = {
     "empty_clusters": "classes whose cluster has no channel",
     "unassigned_channels": "channels in no cluster",
 }
-"""Every metric evaluate-entanglement reports (names for --fail-under / --fail-over)."""
+"""Every metric evaluate-entanglement reports (names for the `fail_under` / `fail_over` bounds)."""
 
 METRICS: tuple[str, ...] = tuple(METRIC_NOTES)
 SCORE_METRICS = ("R0", "R0_acc", "R1", "R1_ce", "R1_acc", "R1_density")
-
-
-@dataclass
-class EntanglementReport:
-    """Everything evaluate-entanglement writes: ``rows`` (metric, value, std, n, note),
-    ``per_class`` rows, the pooled ``features`` ``[N, K]`` and ``labels`` ``[N]`` that MIS used,
-    the gate ``matrix`` ``[K, C]`` the clusters came from and where it came from."""
-
-    rows: list[dict]
-    per_class: list[dict]
-    features: "np.ndarray"
-    labels: "np.ndarray"
-    matrix: torch.Tensor
-    gate_source: str
-    layer: str
-    pool: str
-    threshold: float
-    mi: torch.Tensor
-    scores: dict
-
-    def value(self, metric: str) -> float | None:
-        for r in self.rows:
-            if r["metric"].lower() == metric.lower():
-                return r["value"]
-        return None
-
-    def summary(self) -> dict:
-        return {r["metric"]: r["value"] for r in self.rows}
-
-
-def _cached_score(cache, name: str, parts: dict, compute: Callable[[], EntanglementScore],
-                  classes: int) -> EntanglementScore:
-    """An R0 / R1 solution from the cache (kind ``gate``), computed and stored on a miss."""
-    import numpy as np
-
-    def make():
-        s = compute()
-        arrays = {"W": s.W.numpy().astype(np.float32),
-                  "per_class_ce": np.array([r["ce"] for r in s.per_class], dtype=np.float64),
-                  "per_class_acc": np.array([r["acc"] for r in s.per_class], dtype=np.float64),
-                  "per_class_n": np.array([r["n"] for r in s.per_class], dtype=np.int64)}
-        attrs = {"description": f"seed 000 {name} solution W (network frozen)", "score": s.score,
-                 "ce": s.ce, "acc": s.acc, "density": s.density, "hparams": s.hparams,
-                 "name": name}
-        return arrays, attrs
-
-    entry, _hit = cache.get_or_compute("gate", parts, make)
-    a = entry.attrs if hasattr(entry, "attrs") else {}
-    W = torch.from_numpy(np.asarray(entry["W"], dtype=np.float32))
-    ce = np.asarray(entry["per_class_ce"])
-    acc = np.asarray(entry["per_class_acc"])
-    n = np.asarray(entry["per_class_n"])
-    per_class = [{"class": c, "n": int(n[c]), "ce": float(ce[c]), "acc": float(acc[c]),
-                  "channels": int((W[:, c] > 0.5).sum())} for c in range(classes)]
-    return EntanglementScore(name=name, score=float(a["score"]), ce=float(a["ce"]),
-                             acc=float(a["acc"]), density=float(a["density"]), W=W,
-                             per_class=per_class, hparams=dict(a.get("hparams") or {}))
-
-
-def evaluate_entanglement(loaded, dataset, **kw) -> EntanglementReport:
-    """Measure channel-class entanglement of ``loaded`` (a LoadedModel) at ``layer`` on
-    ``dataset``: features from the activation cache (the network runs once per model, data and
-    preprocessing), R0 / R1 solutions from the gate cache, ACC1/2/3 through the tail, MIS on the
-    pooled features. The clusters come from the model's learned gate when it is at ``layer``,
-    else from R0's one-hot solution (post hoc). Keyword options as :func:`_evaluate`. The
-    network runs in eval mode and is handed back in the mode it came in."""
-    model = loaded.model
-    was_training = model.training
-    model.eval()
-    try:
-        return _evaluate(loaded, dataset, **kw)
-    finally:
-        model.train(was_training)
-
-
-def _evaluate(loaded, dataset, *, layer: str | None = None, pool: str = "mean",
-              draws: int = 10, threshold: float | None = None, scores: bool = True,
-              score_steps: int = 300, score_lr: float = 0.1, mu: float = 0.5,
-              seed: int = 0, batch_size: int = 64, workers: int = 0,
-              device: torch.device | str = "cpu", cache=None, progress=None
-              ) -> EntanglementReport:
-    import numpy as np
-
-    from cnnexplain.activations import compute_activations
-    from cnnexplain.cache import Cache
-    from cnnexplain.errors import CnnexplainError, UsageError
-    from cnnexplain.metrics.mis import mis_from_mi, mutual_information
-    from cnnexplain.models.gates import gate_matrix, gate_threshold
-    from cnnexplain.models.layers import split_at
-
-    if pool not in ("mean", "sum"):
-        raise UsageError(f"--pool must be mean or sum, got {pool!r}", "pass --pool mean or --pool sum")
-    if draws < 0:
-        raise UsageError(f"--draws must be >= 0, got {draws}", "pass e.g. --draws 10")
-    cache = cache if cache is not None else Cache(enabled=False)
-    model = loaded.model
-    layer = layer or loaded.layer
-    classes = int(loaded.num_classes)
-    names = list(getattr(dataset, "class_names", []) or [])
-    if names and len(names) != classes:
-        raise UsageError(f"the model has {classes} classes but the dataset has {len(names)}",
-                         "evaluate on the data the model was trained for (or pass --num-classes "
-                         "for a random-init backbone)")
-    split = split_at(model, layer)
-    if split.n_extras:
-        raise UsageError(f"layer {layer!r} feeds a skip connection, so the part after it needs "
-                         "more than its output", "choose a block output such as the backbone's "
-                         f"default layer {loaded.spec.default_layer!r}")
-    gap = tail_starts_with_gap(split.tail)
-    common = dict(model_fingerprint=loaded.fingerprint, preprocessing=loaded.preprocessing,
-                  device=device, batch_size=batch_size, cache=cache, progress=progress,
-                  workers=workers)
-    if gap:
-        acts = compute_activations(model, [layer], dataset, pool="mean", **common)
-        tail_feats = torch.from_numpy(acts.array(layer))
-        if pool == "mean":
-            pooled = tail_feats.numpy()
-        else:
-            pooled = compute_activations(model, [layer], dataset, pool="sum", **common).array(layer)
-        tail: nn.Module = PooledTail(split.tail)
-        feature_kind = "mean"
-    else:
-        acts = compute_activations(model, [layer], dataset, pool=None, **common)
-        tail_feats = torch.from_numpy(acts.array(layer))
-        dims = tuple(range(2, tail_feats.dim()))
-        pooled = (tail_feats.mean(dims) if pool == "mean" else tail_feats.sum(dims)).numpy() \
-            if dims else tail_feats.numpy()
-        tail = split.tail
-        feature_kind = "maps"
-    labels_np = np.asarray(acts.labels, dtype=np.int64)
-    if labels_np.size == 0:
-        raise CnnexplainError("the dataset has no images", "check --dataset, --split and --limit")
-    if labels_np.min() < 0 or labels_np.max() >= classes:
-        raise CnnexplainError(f"the dataset's labels range over {labels_np.min()}..{labels_np.max()}, "
-                              f"outside the model's {classes} classes",
-                              "evaluate on a labelled dataset with the model's classes")
-    dev = torch.device(device)
-    feats = tail_feats.to(dev)
-    labels = torch.from_numpy(labels_np).to(dev)
-    # R0 / R1 (seed 000) on the frozen network, cached
-    score_parts = {"model": loaded.fingerprint, "layer": layer, "dataset": dataset.fingerprint(),
-                   "preprocessing": loaded.preprocessing.fingerprint(), "features": feature_kind}
-    results: dict[str, EntanglementScore] = {}
-    learned = gate_matrix(loaded)
-    gate_layer = (loaded.meta.get("gate") or {}).get("layer", loaded.meta.get("layer")) \
-        if loaded.meta else None
-    if learned is not None and gate_layer not in (None, layer):
-        learned = None
-    need_r0 = scores or learned is None
-    hp = dict(steps=score_steps, lr=score_lr, seed=seed)
-    if need_r0:
-        results["R0"] = _cached_score(
-            cache, "R0", {**score_parts, "score": "R0", "hparams": hp},
-            lambda: r0_score(tail, feats, labels, classes, steps=score_steps, lr=score_lr,
-                             seed=seed, progress=progress), classes)
-    if scores:
-        results["R1"] = _cached_score(
-            cache, "R1", {**score_parts, "score": "R1", "hparams": {**hp, "mu": mu}},
-            lambda: r1_score(tail, feats, labels, classes, mu=mu, steps=score_steps, lr=score_lr,
-                             seed=seed, progress=progress), classes)
-    if learned is not None:
-        matrix = learned
-        source = f"learned ({loaded.method})"
-        t = float(threshold) if threshold is not None else gate_threshold(loaded)
-    else:
-        matrix = results["R0"].W
-        source = "post-hoc (R0 one-hot W)"
-        t = float(threshold) if threshold is not None else 0.5
-    if matrix.shape != (feats.shape[1], classes):
-        raise CnnexplainError(f"the gate matrix has shape {list(matrix.shape)} but layer {layer!r} "
-                              f"has {feats.shape[1]} channels and the model {classes} classes",
-                              "evaluate at the layer the gate was trained on")
-    with torch.no_grad():
-        acc = pathway_accuracies(tail, feats, labels, matrix, threshold=t, draws=draws,
-                                 seed=seed, batch_size=max(batch_size, 256))
-    mi = mutual_information(pooled, labels_np, classes, device=dev)
-    stats = gate_statistics(matrix, t)
-    counts = np.bincount(labels_np, minlength=classes) / labels_np.size
-    ceiling = max((_binary_entropy(float(p)) for p in counts), default=0.0)
-    n = int(labels_np.size)
-    rows = [
-        _row("ACC1", acc.acc1, None, n),
-        _row("ACC2", acc.acc2, acc.acc2_std, n, f"{acc.draws} draws"),
-        _row("ACC3", acc.acc3, acc.acc3_std, n, f"{acc.draws} draws"),
-        _row("ACC2_det", acc.acc2_det, None, n, f"threshold {t}"),
-        _row("ACC3_det", acc.acc3_det, None, n, f"threshold {t}"),
-        _row("MIS", mis_from_mi(mi), None, n, f"pool {pool}, k=3, nats"),
-        _row("MIS_margin", _margin(mi), None, n, f"pool {pool}"),
-        _row("MIS_ceiling", ceiling, None, n, "max over classes of H(class share)"),
-    ]
-    if "R0" in results and scores:
-        r0 = results["R0"]
-        rows += [_row("R0", r0.score, None, n), _row("R0_acc", r0.acc, None, n)]
-    if "R1" in results:
-        r1 = results["R1"]
-        rows += [_row("R1", r1.score, None, n, f"mu {mu}"), _row("R1_ce", r1.ce, None, n),
-                 _row("R1_acc", r1.acc, None, n), _row("R1_density", r1.density, None, n)]
-    rows += [
-        _row("gate_density", stats["density"], None, None, source),
-        _row("gate_l1_density", stats["l1_density"], None, None, source),
-        _row("gate_peakedness", stats["peakedness"], None, None, source),
-        _row("channels_per_class", stats["channels_per_class"], None, None,
-             f"min {stats['channels_per_class_min']:.0f}, max {stats['channels_per_class_max']:.0f}"),
-        _row("classes_per_channel", stats["classes_per_channel"], None, None,
-             f"min {stats['classes_per_channel_min']:.0f}, max {stats['classes_per_channel_max']:.0f}"),
-        _row("empty_clusters", float(stats["empty_clusters"]), None, None),
-        _row("unassigned_channels", float(stats["unassigned_channels"]), None, None),
-    ]
-    clusters = class_clusters(matrix, t)
-    per_class = []
-    for c in range(classes):
-        pc = acc.per_class[c]
-        cluster = clusters[c].cpu()
-        row = {"class": c, "name": names[c] if c < len(names) else str(c), "n": pc.get("n", 0),
-               "acc1": pc.get("acc1"), "acc2": pc.get("acc2"), "acc2_std": pc.get("acc2_std"),
-               "acc3": pc.get("acc3"), "acc3_std": pc.get("acc3_std"),
-               "acc2_det": pc.get("acc2_det"), "acc3_det": pc.get("acc3_det"),
-               "cluster_channels": int(cluster.sum()),
-               "mi_max": float(mi[c].max()),
-               "mi_cluster_mean": float(mi[c][cluster].mean()) if cluster.any() else float("nan"),
-               "mi_mean": float(mi[c].mean())}
-        for name, s in results.items():
-            if name == "R0" and not scores:
-                continue
-            row[f"{name.lower()}_ce"] = s.per_class[c]["ce"]
-            row[f"{name.lower()}_acc"] = s.per_class[c]["acc"]
-        per_class.append(row)
-    return EntanglementReport(rows=rows, per_class=per_class, features=np.asarray(pooled),
-                              labels=labels_np, matrix=matrix.detach().cpu(), gate_source=source,
-                              layer=layer, pool=pool, threshold=t, mi=mi,
-                              scores={k: v for k, v in results.items() if scores})
 
 
 def _row(metric: str, value: float, std: float | None, n: int | None, note: str = "") -> dict:
@@ -641,3 +410,70 @@ def _binary_entropy(p: float) -> float:
     if p <= 0 or p >= 1:
         return 0.0
     return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+def entanglement_rows(acc: PathwayAccuracies, mi: torch.Tensor, stats: dict, scores: dict,
+                      labels: "np.ndarray", *, threshold: float, pool: str, mu: float,
+                      source: str, clusters: torch.Tensor, names: list[str],
+                      report_r0: bool) -> tuple[list[dict], list[dict]]:
+    """The rows of entanglement.csv and entanglement_per_class.csv from computed metrics:
+    ``acc`` (:func:`pathway_accuracies`), ``mi`` ``[C, K]`` (:func:`~cnnexplain.metrics.mis.
+    mutual_information`), ``stats`` (:func:`gate_statistics`), ``scores`` (name ->
+    :class:`EntanglementScore`), ``labels`` ``[N]``, the ``clusters`` ``[C, K]`` the accuracies
+    used. ``report_r0``: R0 was asked for (it may have been computed only for the clusters)."""
+    import numpy as np
+
+    from cnnexplain.metrics.mis import mis_from_mi
+
+    classes = int(clusters.shape[0])
+    t = threshold
+    counts = np.bincount(labels, minlength=classes) / labels.size
+    ceiling = max((_binary_entropy(float(p)) for p in counts), default=0.0)
+    n = int(labels.size)
+    rows = [
+        _row("ACC1", acc.acc1, None, n),
+        _row("ACC2", acc.acc2, acc.acc2_std, n, f"{acc.draws} draws"),
+        _row("ACC3", acc.acc3, acc.acc3_std, n, f"{acc.draws} draws"),
+        _row("ACC2_det", acc.acc2_det, None, n, f"threshold {t}"),
+        _row("ACC3_det", acc.acc3_det, None, n, f"threshold {t}"),
+        _row("MIS", mis_from_mi(mi), None, n, f"pool {pool}, k=3, nats"),
+        _row("MIS_margin", _margin(mi), None, n, f"pool {pool}"),
+        _row("MIS_ceiling", ceiling, None, n, "max over classes of H(class share)"),
+    ]
+    if "R0" in scores and report_r0:
+        r0 = scores["R0"]
+        rows += [_row("R0", r0.score, None, n), _row("R0_acc", r0.acc, None, n)]
+    if "R1" in scores:
+        r1 = scores["R1"]
+        rows += [_row("R1", r1.score, None, n, f"mu {mu}"), _row("R1_ce", r1.ce, None, n),
+                 _row("R1_acc", r1.acc, None, n), _row("R1_density", r1.density, None, n)]
+    rows += [
+        _row("gate_density", stats["density"], None, None, source),
+        _row("gate_l1_density", stats["l1_density"], None, None, source),
+        _row("gate_peakedness", stats["peakedness"], None, None, source),
+        _row("channels_per_class", stats["channels_per_class"], None, None,
+             f"min {stats['channels_per_class_min']:.0f}, max {stats['channels_per_class_max']:.0f}"),
+        _row("classes_per_channel", stats["classes_per_channel"], None, None,
+             f"min {stats['classes_per_channel_min']:.0f}, max {stats['classes_per_channel_max']:.0f}"),
+        _row("empty_clusters", float(stats["empty_clusters"]), None, None),
+        _row("unassigned_channels", float(stats["unassigned_channels"]), None, None),
+    ]
+    per_class = []
+    for c in range(classes):
+        pc = acc.per_class[c]
+        cluster = clusters[c].cpu()
+        row = {"class": c, "name": names[c] if c < len(names) else str(c), "n": pc.get("n", 0),
+               "acc1": pc.get("acc1"), "acc2": pc.get("acc2"), "acc2_std": pc.get("acc2_std"),
+               "acc3": pc.get("acc3"), "acc3_std": pc.get("acc3_std"),
+               "acc2_det": pc.get("acc2_det"), "acc3_det": pc.get("acc3_det"),
+               "cluster_channels": int(cluster.sum()),
+               "mi_max": float(mi[c].max()),
+               "mi_cluster_mean": float(mi[c][cluster].mean()) if cluster.any() else float("nan"),
+               "mi_mean": float(mi[c].mean())}
+        for name, s in scores.items():
+            if name == "R0" and not report_r0:
+                continue
+            row[f"{name.lower()}_ce"] = s.per_class[c]["ce"]
+            row[f"{name.lower()}_acc"] = s.per_class[c]["acc"]
+        per_class.append(row)
+    return rows, per_class

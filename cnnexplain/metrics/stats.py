@@ -107,13 +107,13 @@ def subsample_ttest(values: Sequence[float], subsample: float, center: float = 0
     x = np.asarray(values, dtype=np.float64).reshape(-1)
     n = len(x)
     if n < 2:
-        raise UsageError(f"a t-test needs at least 2 runs, got {n}", "pass --random-runs 2 or more")
+        raise UsageError(f"a t-test needs at least 2 runs, got {n}", "pass `random_runs=2` or more")
     if not np.isfinite(x).all():
         raise ValueError("t-test inputs must be finite")
     f = float(subsample)
     if not 0.0 < f < 1.0:
         raise UsageError(f"the concept subsample must be in (0, 1), got {subsample}",
-                         "pass e.g. --concept-subsample 0.5")
+                         "pass e.g. `concept_subsample=0.5`")
     diff = float(x.mean()) - float(center)
     var = max(float(x.var(ddof=1)), float(min_variance)) * (f / (1.0 - f) + 1.0 / n)
     df = float(n - 1)

@@ -8,7 +8,7 @@ Layout of the file (a plain ``torch.save`` of a dict)::
                     method, preprocessing, training config, gate description, versions
     state_dict      the network's tensors (including an inserted conv)
     gate            {"W": [K, C]} or {"P": [C, K]} or {} (gate matrices, see models/gates.py)
-    train_state     optional: optimizer/scheduler state, epoch, RNG states (for --resume)
+    train_state     optional: optimizer/scheduler state, epoch, RNG states (for ``resume``)
 
 Loading never executes pickled code: ``torch.load(..., weights_only=True)`` refuses any object
 that is not a tensor or plain container, and that refusal becomes a one-line error.
@@ -72,6 +72,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     gate: dict[str, torch.Tensor] = field(default_factory=dict)
     train_state: dict | None = None
+    path: Path | None = None
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
@@ -102,7 +103,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not is_checkpoint(obj):
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise CnnexplainError(f"{path} is a plain state_dict, not a cnnexplain checkpoint",
-                                  "load it with --backbone NAME --weights PATH instead of --checkpoint")
+                                  "load it with `backbone=NAME` `weights=PATH` instead of `checkpoint`")
         raise CnnexplainError(f"{path} is not a cnnexplain checkpoint",
                               "pass a checkpoint.pt written by cnnexplain train-gated")
     version = obj.get("format_version")
@@ -123,4 +124,5 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         if key not in meta:
             raise CnnexplainError(f"checkpoint {path} lacks {key!r} in its metadata",
                                   "re-create it with cnnexplain train-gated")
-    return Checkpoint(meta=meta, state_dict=state, gate=gate, train_state=obj.get("train_state"))
+    return Checkpoint(meta=meta, state_dict=state, gate=gate, train_state=obj.get("train_state"),
+                      path=Path(path))

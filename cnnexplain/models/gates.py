@@ -18,7 +18,7 @@ exposes the same *effective membership* ``matrix() -> [K, C]`` in [0, 1]:
   ``P in [0,1]^{C x N}`` (the paper's K classes x N filters); ``matrix()`` is ``P^T``. Here
   ``P = softmax(Theta / T, dim=classes)``: each filter's column is a distribution over classes
   (as in the reference code), but ``Theta`` is initialized with small random logits and trained
-  in its own optimizer group with a larger learning rate (``--gate-lr``): the reference notes
+  in its own optimizer group with a larger learning rate (``gate_lr``): the reference notes
   (../shared/reference/gated-training.md) show that with Adam at lr 1e-3 ``P`` barely leaves
   its uniform start, so its "clusters" are random.
 
@@ -33,13 +33,13 @@ The gated forward multiplies the layer's maps by a per-image channel mask ``[B, 
   reparameterization of eq. 8-9, the row ``p = ỹ^T P``, and ``z ~ Ber(p)`` drawn with the
   reparameterization of eq. 5-6 (``z = p + eta``, ``eta`` constant: binary forward, identity
   backward). By default only samples with ``ỹ == y`` count in ``L_int`` (as the reference code
-  does); ``samples="all"`` (``--gate-samples all``) counts every sample, as seed 004's
+  does); ``samples="all"`` (``gate_samples`` all) counts every sample, as seed 004's
   ``L_int = H(y, y_2)`` reads (:meth:`Gate._weight`).
 
-- Wrong-mask term (``train-gated --lambda-neg``, not in the seeds, against label leakage):
+- Wrong-mask term (``lambda_neg`` of ``train-gated``, not in the seeds, against label leakage):
   :class:`GatedNetwork` also runs the tail on the maps masked by the row of a class drawn
   uniformly among the others (:meth:`Gate.other_class`); the training loss pulls that answer
-  towards uniform (:func:`cnnexplain.training.wrong_mask_loss`).
+  towards uniform (:func:`cnnexplain.training.loop.wrong_mask_loss`).
 
 Checkpoints store the effective matrix as ``gate["W"]`` ``[K, C]`` (cdcnn-*) or ``gate["P"]``
 ``[C, K]`` (picnn) plus the raw parameters needed to resume (``Omega``, ``Theta``, ``delta``,
@@ -55,33 +55,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnexplain.config.train import METHODS
 from cnnexplain.errors import CnnexplainError, UsageError
 
-LABEL_SOURCES = ("true", "pseudo")
-"""Which class row a cdcnn-* gate uses in training: the label (seed 000) or a pseudo-label."""
+def check_choice(name: str, value: str) -> None:
+    """One-line usage error unless ``value`` is one of the choices :class:`~cnnexplain.config.
+    train.TrainConfig` declares for field ``name`` (``gate_label``, ``gate_samples``,
+    ``gated_tail``); the gate constructors call it, ``TrainConfig.validate`` checks the same
+    declaration before anything is written."""
+    from cnnexplain.config.fields import check_field
+    from cnnexplain.config.train import TrainConfig
 
-SAMPLES = ("matched", "all")
-"""Which samples count in the gated loss under pseudo-labels (see :meth:`Gate._weight`)."""
+    check_field(TrainConfig, name, value)
 
-GATED_TAILS = ("shared", "frozen")
-"""Whether the gated pathway's loss trains the tail (``shared``) or not (``frozen``)."""
-
-CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
-    "--gate-label": (LABEL_SOURCES, "pass --gate-label true (seed 000) or pseudo (seed 004's "
-                                    "remedy)"),
-    "--gate-samples": (SAMPLES, "pass --gate-samples matched (the reference code) or all "
-                                "(seed 004's L_int)"),
-    "--gated-tail": (GATED_TAILS, "pass --gated-tail shared (the seeds) or frozen"),
-}
-"""The gate's choice options: flag -> (allowed values, the fix an error names)."""
-
-
-def check_choice(flag: str, value: str) -> None:
-    """One-line usage error unless ``value`` is one of ``CHOICES[flag]``'s values (used by
-    ``TrainConfig.validate`` before anything is written and by the constructors here)."""
-    choices, fix = CHOICES[flag]
-    if value not in choices:
-        raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}", fix)
 
 DEFAULT_THRESHOLD = 0.5
 """Membership above which a channel belongs to a class's cluster (``W > t`` / ``P > t``)."""
@@ -183,8 +169,8 @@ class Gate(nn.Module):
             raise UsageError(f"a class-specific gate needs at least 1 channel and 2 classes, got "
                              f"{channels} channels and {classes} classes",
                              "train on a dataset with at least two classes")
-        check_choice("--gate-label", label_source)
-        check_choice("--gate-samples", samples)
+        check_choice("gate_label", label_source)
+        check_choice("gate_samples", samples)
         self.channels = int(channels)
         self.classes = int(classes)
         self.samples = samples
@@ -360,8 +346,8 @@ class _AnnealedGate(Gate):
     def __init__(self, channels: int, classes: int, delta_start: float = 1.0,
                  delta_end: float = 0.05, **kw):
         if not (delta_start > 0 and delta_end > 0):
-            raise UsageError(f"--delta-start and --delta-end must be positive, got {delta_start} "
-                             f"and {delta_end}", "pass e.g. --delta-start 1 --delta-end 0.05")
+            raise UsageError(f"`delta_start` and `delta_end` must be positive, got {delta_start} "
+                             f"and {delta_end}", "pass e.g. `delta_start=1` `delta_end=0.05`")
         super().__init__(channels, classes, delta_start=float(delta_start),
                          delta_end=float(delta_end), **kw)
         self.Omega = nn.Parameter(torch.rand(channels, classes) * 2 - 1)
@@ -412,7 +398,7 @@ class PICNNGate(Gate):
     """PICNN (seed 004): ``P = softmax(Theta / T, dim=classes)`` ``[C, N]``; ``matrix() = P^T``.
 
     ``Theta`` starts at ``init_scale * N(0, 1)`` (symmetry broken, P near uniform) and should be
-    trained with its own, larger learning rate (``--gate-lr``). Training draws use pseudo-labels
+    trained with its own, larger learning rate (``gate_lr``). Training draws use pseudo-labels
     (eq. 8-9) and Bernoulli masks (eq. 5-6); see :meth:`Gate.draw`.
     """
 
@@ -423,8 +409,8 @@ class PICNNGate(Gate):
     def __init__(self, channels: int, classes: int, temperature: float = 1.0,
                  init_scale: float = 0.01, **kw):
         if temperature <= 0:
-            raise UsageError(f"--gate-temperature must be positive, got {temperature}",
-                             "pass e.g. --gate-temperature 1")
+            raise UsageError(f"`gate_temperature` must be positive, got {temperature}",
+                             "pass e.g. `gate_temperature=1`")
         kw["label_source"] = "pseudo"
         super().__init__(channels, classes, temperature=float(temperature),
                          init_scale=float(init_scale), **kw)
@@ -449,9 +435,8 @@ class PICNNGate(Gate):
 
 
 GATES: dict[str, type[Gate]] = {g.kind: g for g in (R1P2Gate, R1P1Gate, R0P1Gate, PICNNGate)}
-"""Gate module per ``--method`` (``std`` has none)."""
-
-METHODS: tuple[str, ...] = ("std", *GATES)
+"""``method`` choices (declared in :mod:`cnnexplain.config.train`): ``std`` plus these;
+tests/test_architecture.py checks the two agree."""
 
 
 def make_gate(method: str, channels: int, classes: int, **hparams) -> Gate | None:
@@ -491,14 +476,14 @@ class GatedNetwork(nn.Module):
     the body runs once; the gated pathway re-runs only the tail on ``a * mask``. With
     ``wrong_mask=True`` the tail also runs on ``a`` masked by the membership row of another class
     (``draw.other``, :meth:`Gate.other_class`), giving ``draw.other_logits``: the wrong-mask
-    term of ``train-gated --lambda-neg``.
+    term of ``train-gated``'s ``lambda_neg``.
     Parameters are shared with the network the split was made from.
     """
 
     def __init__(self, body: nn.Module, tail: nn.Module, gate: Gate | None,
                  gated_tail: str = "shared", wrong_mask: bool = False):
         super().__init__()
-        check_choice("--gated-tail", gated_tail)
+        check_choice("gated_tail", gated_tail)
         self.body = body
         self.tail = tail
         self.gate = gate
@@ -587,7 +572,7 @@ HELP: dict[str, str] = {
     "cdcnn-r1p2": "seed 000 algorithm 1: W in [0,1] at the layer, loss CE + λ1·CE(gated by W[:, y]) "
                   "+ λ2·||W||_{1,2}, rows max-normalized and clipped after each step.",
     "cdcnn-r1p1": "seed 000 algorithm 2: W = σ(Ω/δ), Ω rows rescaled to [-1,1], δ annealed to "
-                  "--delta-end so W tends to {0,1}; loss as r1p2.",
+                  "`delta_end` so W tends to {0,1}; loss as r1p2.",
     "cdcnn-r0p1": "seed 000 algorithm 3: W_k = softmax(Ω_k/δ), annealed to one-hot rows (one "
                   "class per channel); loss CE + λ1·CE(gated).",
     "picnn": "seed 004: P = softmax over classes per filter, Bernoulli masks (eq. 5-6) from "

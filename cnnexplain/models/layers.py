@@ -30,7 +30,7 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     names = layer_names(model)
     top = sorted({n.split(".")[0] for n in names})
     raise UsageError(f"layer {name!r} does not exist in this model{close_matches(name, names)}",
-                     f"pass --layer with a dotted module name such as {', '.join(top[-3:])}")
+                     f"pass `layer` with a dotted module name such as {', '.join(top[-3:])}")
 
 
 def parse_layers(text: str | Sequence[str] | None) -> list[str]:
@@ -117,7 +117,7 @@ def split_at(model: nn.Module, layer: str) -> Split:
         graph = tracer.trace(model)
     except Exception as exc:  # symbolic tracing failed on data-dependent control flow
         raise UsageError(f"cannot cut the model at {layer!r}: torch.fx could not trace it ({exc})",
-                         "choose another --layer, such as the backbone's default") from None
+                         "choose another `layer`, such as the backbone's default") from None
     hits = [n for n in graph.nodes if n.op == "call_module" and n.target == layer]
     if len(hits) != 1:
         raise UsageError(f"layer {layer!r} runs {len(hits)} times per forward pass, so its output "
@@ -187,3 +187,37 @@ def _ancestors(nodes) -> set:
         seen.add(n)
         stack.extend(n.all_input_nodes)
     return seen
+
+
+def layer_shapes(backbone: str, size: int = 64, num_classes: int | None = None,
+                 insert: int | None = None) -> tuple[list[dict], int]:
+    """Every named module of ``backbone`` with its type and output shape ``[C, H, W]`` for a
+    ``size`` x ``size`` input (at least the backbone's minimum), and whether it is the
+    default target layer: ``(rows, size used)``."""
+    from cnnexplain.models import zoo
+    from cnnexplain.models.network import build_network
+
+    spec = zoo.get_spec(backbone)
+    size = max(size, spec.min_size)
+    model, target = build_network(backbone, num_classes or 10, insert=insert)
+    model.eval()
+    shapes: dict[str, list[int]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(_m, _i, out, _n=name):
+            if isinstance(out, torch.Tensor):
+                shapes[_n] = list(out.shape[1:])
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    finally:
+        for h in handles:
+            h.remove()
+    rows = [{"layer": n, "type": type(m).__name__, "output": shapes.get(n), "default": n == target}
+            for n, m in model.named_modules() if n]
+    return rows, size

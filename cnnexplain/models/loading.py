@@ -1,5 +1,5 @@
-"""Model selection, the same in every command: ``--checkpoint PATH`` or
-``--backbone NAME [--num-classes N] [--weights PATH|imagenet]``."""
+"""Model selection, the same in every command: ``checkpoint`` (a PATH) or
+``backbone`` (a NAME) with optional ``num_classes`` and ``weights`` (PATH or imagenet)."""
 
 from __future__ import annotations
 
@@ -76,16 +76,19 @@ def load_model(checkpoint: str | Path | None = None, backbone: str | None = None
     """
     if checkpoint is not None:
         if weights is not None:
-            raise UsageError("--checkpoint and --weights cannot be used together",
-                             "pass either a cnnexplain checkpoint or --backbone with --weights")
-        ck = load_checkpoint(checkpoint)
+            raise UsageError("`checkpoint` and `weights` cannot be used together",
+                             "pass either a cnnexplain checkpoint or `backbone` with `weights`")
+        from cnnexplain.models.checkpoint import Checkpoint
+
+        ck = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+        checkpoint = getattr(ck, "path", None) or checkpoint
         meta = ck.meta
         if backbone is not None and backbone != meta["backbone"]:
-            raise UsageError(f"--backbone {backbone} does not match the checkpoint's backbone "
-                             f"{meta['backbone']}", "leave out --backbone when using --checkpoint")
+            raise UsageError(f"`backbone={backbone}` does not match the checkpoint's backbone "
+                             f"{meta['backbone']}", "leave out `backbone` when using `checkpoint`")
         if num_classes is not None and int(num_classes) != int(meta["num_classes"]):
-            raise UsageError(f"--num-classes {num_classes} does not match the checkpoint's "
-                             f"{meta['num_classes']} classes", "leave out --num-classes")
+            raise UsageError(f"`num_classes={num_classes}` does not match the checkpoint's "
+                             f"{meta['num_classes']} classes", "leave out `num_classes`")
         zoo.get_spec(meta["backbone"])
         model, ck_layer = build_network(meta["backbone"], int(meta["num_classes"]),
                                         layer=meta.get("layer"), insert=meta.get("insert_conv"))
@@ -98,7 +101,7 @@ def load_model(checkpoint: str | Path | None = None, backbone: str | None = None
                              insert_conv=meta.get("insert_conv"), gate=dict(ck.gate), meta=meta)
     else:
         if backbone is None:
-            raise UsageError("no model given", "pass --checkpoint PATH or --backbone NAME")
+            raise UsageError("no model given", "pass `checkpoint=PATH` or `backbone=NAME`")
         spec = zoo.get_spec(backbone)
         if weights is None:
             n = int(num_classes or default_num_classes)
@@ -111,8 +114,8 @@ def load_model(checkpoint: str | Path | None = None, backbone: str | None = None
         else:
             model, n = zoo.build_from_weights_file(backbone, weights)
             if num_classes is not None and int(num_classes) != n:
-                raise UsageError(f"--num-classes {num_classes} does not match the weights, which "
-                                 f"have {n} classes", f"pass --num-classes {n} or leave it out")
+                raise UsageError(f"`num_classes={num_classes}` does not match the weights, which "
+                                 f"have {n} classes", f"pass `num_classes={n}` or leave it out")
             source = f"weights:{weights}"
         layer = layer or spec.default_layer
         prep = preprocessing or Preprocessing()

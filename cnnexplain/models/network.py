@@ -32,15 +32,15 @@ def insert_conv(model: nn.Module, spec: zoo.BackboneSpec, layer: str, n_filters:
     activations and linear layers run after ``layer``.
     """
     if n_filters < 1:
-        raise UsageError(f"--insert-conv must be at least 1, got {n_filters}",
-                         "pass the number of filters, e.g. --insert-conv 64")
+        raise UsageError(f"`insert_conv` must be at least 1, got {n_filters}",
+                         "pass the number of filters, e.g. `insert_conv=64`")
     target = get_module(model, layer)
     channels = probe_channels(model, layer, max(spec.min_size, 32))
     split = split_at(model, layer)
     tail_modules = [split.tail.get_submodule(n.target) for n in split.tail.graph.nodes
                     if n.op == "call_module"]
     if any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in tail_modules):
-        raise UsageError(f"--insert-conv needs a target layer after which only pooling and linear "
+        raise UsageError(f"`insert_conv` needs a target layer after which only pooling and linear "
                          f"layers run, but convolutions follow {layer!r}",
                          f"use the backbone's default layer {spec.default_layer!r}")
     linears = [(n.target, split.tail.get_submodule(n.target)) for n in split.tail.graph.nodes

@@ -1,7 +1,7 @@
 """The backbone registry: a backbone is a string on the command line.
 
 Each entry names the torchvision builder, its ImageNet weight enum, the default target layer
-(the last conv block; see the table in README.md), the classifier layer that ``--num-classes``
+(the last conv block; see the table in README.md), the classifier layer that ``num_classes``
 replaces, and the smallest input side the architecture accepts.
 """
 
@@ -103,18 +103,18 @@ def build(name: str, num_classes: int = 10, imagenet: bool = False) -> nn.Module
     if ``num_classes`` != 1000."""
     spec = get_spec(name)
     if num_classes < 1:
-        raise UsageError(f"--num-classes must be at least 1, got {num_classes}",
+        raise UsageError(f"`num_classes` must be at least 1, got {num_classes}",
                          "pass the number of classes of your dataset")
     if not imagenet:
         return spec.builder(num_classes=num_classes)
     if spec.weights_enum is None:
         raise UsageError(f"backbone {name!r} has no ImageNet weights",
-                         "leave out --weights imagenet or pass --weights PATH")
+                         "leave out `weights=imagenet` or pass `weights=PATH`")
     path = imagenet_weights_file(spec)
     if not path.is_file():
         raise CnnexplainError(f"ImageNet weights for {name} not found: torchvision expects {path}",
                               f"copy the file there (it is {getattr(torchvision.models, spec.weights_enum).DEFAULT.url}) "
-                              "or pass --weights PATH to a state_dict")
+                              "or pass `weights=PATH` to a state_dict")
     model = spec.builder(num_classes=1000)
     state = safe_load_state_dict(path)
     model.load_state_dict(state)
@@ -145,13 +145,13 @@ def load_state_dict_into(model: nn.Module, state: dict, name: str, source: str) 
         raise CnnexplainError(
             f"{source} does not match backbone {name!r}: {len(missing)} missing and "
             f"{len(unexpected)} unexpected tensors (e.g. {example!r})",
-            "pass the --backbone these weights were saved from")
+            "pass the `backbone` these weights were saved from")
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise CnnexplainError(
                 f"{source} does not fit backbone {name!r}: tensor {k!r} has shape "
                 f"{list(state[k].shape)}, the model expects {list(v.shape)}",
-                "check --backbone and --num-classes against the weights")
+                "check `backbone` and `num_classes` against the weights")
     model.load_state_dict(state)
 
 
@@ -168,7 +168,7 @@ def build_from_weights_file(name: str, path: str | os.PathLike) -> tuple[nn.Modu
     found = infer_num_classes(state, spec)
     if found is None:
         raise CnnexplainError(f"weights file {path} has no {spec.classifier}.weight, so it is not "
-                              f"a {name} state_dict", "pass the --backbone the weights were saved from")
+                              f"a {name} state_dict", "pass the `backbone` the weights were saved from")
     model = build(name, num_classes=found)
     load_state_dict_into(model, state, name, f"weights file {path}")
     return model, found

@@ -12,6 +12,7 @@ import pandas as pd
 
 from cnnexplain import __version__
 from cnnexplain.io import write_bytes, write_csv, write_text
+from cnnexplain.layout import RunLayout
 from cnnexplain.report import html as H
 from cnnexplain.report import plots
 from cnnexplain.report.collect import RunResults, collect
@@ -39,15 +40,21 @@ def _dissect_matrix(runs: list[RunResults]) -> pd.DataFrame | None:
     return pd.DataFrame(cols) if cols else None
 
 
-def build_report(run_dirs: list[Path], out: Path, notice: Callable[[str], None] = lambda m: None,
-                 progress=None) -> Report:
-    """``run_dirs`` -> ``out/report/{summary.csv, index.html, *.png}``."""
+def collect_runs(run_dirs: list[Path], notice: Callable[[str], None] = lambda m: None
+                 ) -> list[RunResults]:
+    """Read every run directory; run names made unique for the report's columns."""
     runs = [collect(d, notice) for d in run_dirs]
     names = [r.name for r in runs]
-    for i, r in enumerate(runs):  # make run names unique for columns
+    for i, r in enumerate(runs):
         if names.count(r.name) > 1:
             r.name = f"{r.name}#{i + 1}"
-    rdir = Path(out) / "report"
+    return runs
+
+
+def build_report(runs: list[RunResults], out: Path, progress=None) -> Report:
+    """The collected ``runs`` -> ``out/report/{summary.csv, index.html, *.png}``."""
+    layout = RunLayout(out)
+    rdir = layout.report
     files: list[Path] = []
 
     def save_png(name: str, data: bytes | None) -> bytes | None:
@@ -57,8 +64,8 @@ def build_report(run_dirs: list[Path], out: Path, notice: Callable[[str], None] 
         return data
 
     summary = summary_frame(runs)
-    write_csv(rdir / "summary.csv", summary)
-    files.append(rdir / "summary.csv")
+    write_csv(layout.report_summary, summary)
+    files.append(layout.report_summary)
     metrics = metric_matrix(runs)
 
     sections: list[tuple[str, str, str]] = []
@@ -118,7 +125,7 @@ def build_report(run_dirs: list[Path], out: Path, notice: Callable[[str], None] 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = H.page("cnnexplain report", f"{len(runs)} run(s): {', '.join(r.name for r in runs)} "
                   f"- cnnexplain {__version__} - {stamp}", sections)
-    index = rdir / "index.html"
+    index = layout.report_index
     write_text(index, page)
     files.append(index)
     return Report(runs=runs, summary=summary, metrics=metrics, index=index, files=files)

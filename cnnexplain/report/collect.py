@@ -10,6 +10,8 @@ from typing import Callable
 
 import pandas as pd
 
+from cnnexplain.layout import RunLayout
+
 
 @dataclass
 class RunResults:
@@ -74,10 +76,11 @@ def _png(path: Path) -> Path | None:
 
 def collect(run_dir: str | Path, notice: Callable[[str], None] = lambda m: None) -> RunResults:
     """Read ``run_dir``: run.json, train_log.csv, gate.png, entanglement*.csv, saliency/,
-    dissect/ and tcav/ (see cnnexplain.runs for the layout)."""
+    dissect/ and tcav/ (see :mod:`cnnexplain.layout`)."""
     run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     res = RunResults(path=run_dir, name=run_dir.resolve().name)
-    manifest = run_dir / "run.json"
+    manifest = layout.manifest
     if manifest.is_file():
         try:
             data = json.loads(manifest.read_text(encoding="utf-8"))
@@ -85,17 +88,18 @@ def collect(run_dir: str | Path, notice: Callable[[str], None] = lambda m: None)
                 res.manifest = data
         except (OSError, ValueError):
             notice(f"skipped {manifest}: not valid JSON")
-    res.train_log = _csv(run_dir / "train_log.csv", notice)
-    res.gate_png = _png(run_dir / "gate.png")
-    res.entanglement = _csv(run_dir / "entanglement.csv", notice)
-    res.entanglement_per_class = _csv(run_dir / "entanglement_per_class.csv", notice)
-    res.saliency_eval = _csv(run_dir / "saliency" / "evaluation.csv", notice)
-    res.saliency_grid = _png(run_dir / "saliency" / "grid.png")
-    res.dissect_summary = _csv(run_dir / "dissect" / "summary.csv", notice)
-    res.dissect_tally = _csv(run_dir / "dissect" / "tally.csv", notice)
-    res.dissect_clusters = _csv(run_dir / "dissect" / "clusters.csv", notice)
-    d = run_dir / "dissect"
-    res.dissect_pngs = sorted(p for p in d.glob("detectors-*.png") if _png(p)) if d.is_dir() else []
-    res.tcav = _csv(run_dir / "tcav" / "tcav.csv", notice)
-    res.tcav_png = _png(run_dir / "tcav" / "tcav.png")
+    res.train_log = _csv(layout.train_log, notice)
+    res.gate_png = _png(layout.gate_png)
+    res.entanglement = _csv(layout.entanglement, notice)
+    res.entanglement_per_class = _csv(layout.entanglement_per_class, notice)
+    res.saliency_eval = _csv(layout.saliency_evaluation, notice)
+    res.saliency_grid = _png(layout.saliency_grid)
+    res.dissect_summary = _csv(layout.dissect_summary, notice)
+    res.dissect_tally = _csv(layout.dissect_tally(), notice)
+    res.dissect_clusters = _csv(layout.dissect_clusters, notice)
+    pattern = layout.dissect_detectors()
+    res.dissect_pngs = sorted(p for p in pattern.parent.glob(pattern.name) if _png(p)) \
+        if pattern.parent.is_dir() else []
+    res.tcav = _csv(layout.tcav_table, notice)
+    res.tcav_png = _png(layout.tcav_plot)
     return res

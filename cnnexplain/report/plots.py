@@ -4,9 +4,14 @@ embedded in it."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _fig():
@@ -72,3 +77,35 @@ def grouped_bars(matrix: pd.DataFrame, title: str, ylabel: str) -> bytes | None:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     return _png(fig)
+
+
+def save_gate_heatmap(matrix: torch.Tensor, class_names: list[str], path: str | Path,
+                      title: str = "") -> Path:
+    """Heatmap PNG of the membership ``[K, C]``, channels (rows) sorted by their argmax class
+    then by decreasing membership; written atomically (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cnnexplain.io import atomic_path
+    from cnnexplain.models.gates import sort_channels
+
+    m = matrix.detach().float().cpu()
+    order = sort_channels(m)
+    k, c = m.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * c + 2.5), min(12.0, 3.0 + 0.02 * k)), dpi=100)
+    im = ax.imshow(m[order].numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
+                   interpolation="nearest")
+    ax.set_xticks(range(c))
+    ax.set_xticklabels([str(n) for n in class_names][:c] + [str(i) for i in range(len(class_names), c)],
+                       rotation=45, ha="right")
+    ax.set_ylabel(f"channel ({k}, sorted by class)")
+    ax.set_xlabel("class")
+    ax.set_title(title or "gate membership")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)

@@ -6,9 +6,9 @@ gradcam-counterfactual, guided-gradcam, gated-cam, gated-cam-complement), :mod:`
 (lrp-epsilon, lrp-alpha2beta1, lrp-zplus, clrp1, clrp2; zennit), :mod:`.perturbation`
 (occlusion, lime). The contract is in :mod:`.base` (``attribute(model, inputs [B, 3, H, W],
 targets [B], *, layer, context) -> Attribution(raw, map)``); :mod:`.relu_rules` holds the
-guided / DeconvNet ReLU rules. Around the methods: :mod:`.inputs` (image sets and ``--target``),
+guided / DeconvNet ReLU rules. Around the methods: :mod:`.inputs` (image sets and ``target``),
 :mod:`.runner` (batched, cached maps of one method), :mod:`.evaluation` (the metric registry
-behind ``--evaluate``) and :mod:`.pipeline` (the ``saliency`` command as plan / execute /
+behind ``evaluate``) and :mod:`.pipeline` (the ``saliency`` command as plan / execute /
 write).
 """
 

@@ -32,13 +32,14 @@ batch size or on which other images share its batch.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnexplain.config.saliency import IG_METHODS, MethodOptions  # noqa: F401 (re-exported)
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.errors import CnnexplainError, UsageError, close_matches
 
@@ -50,85 +51,6 @@ class Attribution:
 
     raw: torch.Tensor | None
     map: torch.Tensor
-
-
-# Option name -> (CLI flag, check, what the check requires). Used for validation messages.
-_OPTION_RULES: dict[str, tuple[str, Callable[[object], bool], str]] = {
-    "smoothgrad_samples": ("--smoothgrad-samples", lambda v: int(v) >= 1, "at least 1"),
-    "smoothgrad_sigma": ("--smoothgrad-sigma", lambda v: 0.0 <= float(v) <= 10.0, "in [0, 10]"),
-    "ig_steps": ("--ig-steps", lambda v: int(v) >= 1, "at least 1"),
-    "occlusion_window": ("--occlusion-window", lambda v: v is None or int(v) >= 1, "at least 1"),
-    "occlusion_stride": ("--occlusion-stride", lambda v: v is None or int(v) >= 1, "at least 1"),
-    "lime_samples": ("--lime-samples", lambda v: int(v) >= 2, "at least 2"),
-    "lime_segments": ("--lime-segments", lambda v: int(v) >= 2, "at least 2"),
-    "lime_kernel_width": ("--lime-kernel-width", lambda v: float(v) > 0, "positive"),
-    "lrp_epsilon": ("--lrp-epsilon", lambda v: float(v) > 0, "positive"),
-    "gate_threshold": ("--gate-threshold", lambda v: v is None or 0.0 <= float(v) < 1.0, "in [0, 1)"),
-    "internal_batch_size": ("--internal-batch-size", lambda v: int(v) >= 1, "at least 1"),
-}
-
-IG_METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid",
-              "gausslegendre")
-
-
-@dataclass(frozen=True)
-class MethodOptions:
-    """Hyper-parameters of the methods (each method lists the ones it uses in
-    ``option_names``; only those enter its cache key).
-
-    - ``smoothgrad_base``: the gradient method SmoothGrad averages; ``smoothgrad_samples``: noisy
-      copies per image; ``smoothgrad_sigma``: noise std as a fraction of each image's input range
-      ``max(x) - min(x)`` (Smilkov et al. 2017 recommend 0.1-0.2).
-    - ``ig_steps`` / ``ig_method``: integrated gradients' path steps and quadrature (captum's
-      names; ``gausslegendre`` is captum's default, ``riemann_right`` zennit's).
-    - ``occlusion_window`` / ``occlusion_stride``: square occluder side and stride in pixels
-      (None: side // 8, at least 2, and half the window).
-    - ``lime_samples`` / ``lime_segments`` / ``lime_kernel_width``: LIME's perturbed samples,
-      SLIC superpixels and the exponential kernel's width on cosine distance (LIME's 0.25).
-    - ``lrp_epsilon``: the epsilon of the LRP epsilon rule (zennit's stabilizer default 1e-6).
-    - ``gate_threshold``: class-cluster threshold for gated-cam (None: the checkpoint's).
-    - ``internal_batch_size``: forward/backward passes per chunk for the methods that evaluate
-      the model many times per image (SmoothGrad, integrated gradients, occlusion, LIME); bounds
-      memory.
-    """
-
-    smoothgrad_base: str = "gradient"
-    smoothgrad_samples: int = 16
-    smoothgrad_sigma: float = 0.15
-    ig_steps: int = 32
-    ig_method: str = "gausslegendre"
-    occlusion_window: int | None = None
-    occlusion_stride: int | None = None
-    lime_samples: int = 256
-    lime_segments: int = 50
-    lime_kernel_width: float = 0.25
-    lrp_epsilon: float = 1e-6
-    gate_threshold: float | None = None
-    internal_batch_size: int = 64
-
-    def validate(self) -> "MethodOptions":
-        """Raise a one-line UsageError for the first bad value; return self."""
-        for name, (flag, ok, need) in _OPTION_RULES.items():
-            value = getattr(self, name)
-            try:
-                good = ok(value)
-            except (TypeError, ValueError):
-                good = False
-            if not good:
-                raise UsageError(f"{flag} must be {need}, got {value}", f"pass a value {need}")
-        if self.ig_method not in IG_METHODS:
-            raise UsageError(f"unknown --ig-method {self.ig_method!r}"
-                             f"{close_matches(self.ig_method, IG_METHODS)}",
-                             f"choose one of {', '.join(IG_METHODS)}")
-        return self
-
-    def subset(self, names) -> dict:
-        """The values of ``names`` (for cache keys and maps.h5 attributes)."""
-        return {n: getattr(self, n) for n in names}
-
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -259,7 +181,7 @@ class SaliencyMethod:
         if self.needs_gate and not info.gated:
             return (f"{self.name} needs a gated checkpoint (class-specific channel clusters); "
                     f"this {info.label} model has no gate",
-                    "pass --checkpoint of a model trained with `cnnexplain train-gated`, or use "
+                    "pass `checkpoint` of a model trained with `cnnexplain train-gated`, or use "
                     "gradcam")
         return None
 
@@ -279,7 +201,7 @@ class SaliencyMethod:
             raise CnnexplainError(f"{targets.numel()} targets for {inputs.shape[0]} images",
                                   "pass one target class per image")
         if self.needs_layer and not layer:
-            raise UsageError(f"{self.name} needs a layer", "pass --layer, e.g. layer4")
+            raise UsageError(f"{self.name} needs a layer", "pass `layer`, e.g. layer4")
         out = self.compute(model, inputs.detach(), targets, layer=layer, context=context)
         return Attribution(raw=None if out.raw is None else out.raw.detach(),
                            map=out.map.detach())
@@ -301,7 +223,7 @@ class SaliencyMethod:
         return REDUCTIONS[self.reduction][1]
 
     def describe(self) -> dict:
-        """JSON-able description (maps.h5 attributes, --list-methods --json)."""
+        """JSON-able description (maps.h5 attributes, `list_methods` `json_output`)."""
         return {"name": self.name, "description": self.description, "kind": self.kind,
                 "raw_shape": "N x 3 x H x W" if self.kind == "pixel" else "N x h x w",
                 "reduction": self.reduction_doc, "sign": self.sign, "units": self.units,
@@ -326,7 +248,7 @@ def register(cls: type[SaliencyMethod]) -> type[SaliencyMethod]:
 def get_method(name: str) -> SaliencyMethod:
     if name not in METHODS:
         raise UsageError(f"unknown saliency method {name!r}{close_matches(name, METHODS)}",
-                         "see `cnnexplain saliency --list-methods`")
+                         "see the method list (`methods=all` runs every one that applies)")
     return METHODS[name]
 
 

@@ -48,7 +48,7 @@ def layer_forward(model: nn.Module, x: torch.Tensor, layer: str, method: str
     def hook(_m, _inp, out):
         if not isinstance(out, torch.Tensor):
             raise UsageError(f"{method} needs a layer that outputs one tensor; {layer!r} returns "
-                             f"{type(out).__name__}", "pass --layer naming a conv block")
+                             f"{type(out).__name__}", "pass `layer` naming a conv block")
         store.append(out)
         return out.clone()
 
@@ -66,7 +66,7 @@ def layer_forward(model: nn.Module, x: torch.Tensor, layer: str, method: str
     if a.dim() != 4:
         raise UsageError(f"{method} needs a convolutional layer with output [B, C, h, w]; "
                          f"{layer!r} outputs {list(a.shape)}",
-                         "pass --layer naming a conv block, e.g. the backbone's default layer")
+                         "pass `layer` naming a conv block, e.g. the backbone's default layer")
     return out, a
 
 
@@ -136,11 +136,11 @@ class GatedCAM(LayerCAM):
         clusters = context.clusters
         if clusters is None:
             raise UsageError(f"{self.name} needs the class clusters of a gated checkpoint",
-                             "pass --checkpoint of a model trained with `cnnexplain train-gated`")
+                             "pass `checkpoint` of a model trained with `cnnexplain train-gated`")
         if clusters.dim() != 2 or clusters.shape[1] != channels:
             raise UsageError(f"the gate's clusters are {list(clusters.shape)} (classes x channels) "
                              f"but layer {layer!r} has {channels} channels",
-                             "leave out --layer so that gated-cam explains the gated layer")
+                             "leave out `layer` so that gated-cam explains the gated layer")
         if int(targets.max()) >= clusters.shape[0]:
             raise UsageError(f"target class {int(targets.max())} has no cluster (the gate has "
                              f"{clusters.shape[0]} classes)", "pass targets of the gated classes")

@@ -1,4 +1,4 @@
-"""``saliency --evaluate``: score every method's maps with the seeds' evaluations.
+"""``saliency `evaluate```: score every method's maps with the seeds' evaluations.
 
 A registry of metrics (:data:`METRICS`, name -> :class:`Metric`); each one turns a method's
 maps (:class:`~cnnexplain.explain.saliency.runner.MethodResult`) into a few columns of
@@ -21,11 +21,11 @@ discriminativeness  class_map_correlation, own_object_mass      seed 003 sec. 3.
 
 Ground truth of a pair (image i, class c): the main object's box and mask when ``c`` is the
 image's label, the second object's when ``c`` is its second label; pairs whose class is not in
-the image (e.g. a wrong prediction with ``--target pred``) are left out of the pointing, energy
+the image (e.g. a wrong prediction with ``target`` pred``) are left out of the pointing, energy
 and localization metrics (``pairs_with_truth`` counts the others). Deletion, insertion,
 ablation, occlusion rank and sanity use every pair. Means ignore undefined values (a constant
 map has no rank correlation). The ablation's "dataset mean" (seed 003) is the per-position mean
-of the loaded images (the split as limited by ``--limit``), in model-input space.
+of the loaded images (the split as limited by ``limit``), in model-input space.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from cnnexplain.errors import UsageError, close_matches
+from cnnexplain.config.saliency import EvalOptions
 from cnnexplain.explain.saliency.runner import Explainer, MethodResult
 from cnnexplain.metrics import discriminativeness as D
 from cnnexplain.metrics import faithfulness as F
@@ -46,28 +47,6 @@ from cnnexplain.metrics import sanity as S
 SANITY_PASS = 0.5
 """A method passes the sanity check when the mean Spearman correlation between its maps on the
 original and on the fully randomized network is below this value."""
-
-
-@dataclass(frozen=True)
-class EvalOptions:
-    """``ablation_patch``: side of the ablated square (None: max(3, side // 8)); ``steps``:
-    deletion / insertion steps; ``sanity_steps``: groups of layers randomized in turn;
-    ``sanity_limit``: pairs used by the sanity check; ``seed``: random positions and weights."""
-
-    ablation_patch: int | None = None
-    steps: int = 20
-    sanity_steps: int = 5
-    sanity_limit: int = 16
-    seed: int = 0
-
-    def validate(self) -> "EvalOptions":
-        checks = [("--ablation-patch", self.ablation_patch is None or self.ablation_patch >= 1),
-                  ("--deletion-steps", self.steps >= 1), ("--sanity-steps", self.sanity_steps >= 1),
-                  ("--sanity-limit", self.sanity_limit >= 1)]
-        for flag, ok in checks:
-            if not ok:
-                raise UsageError(f"{flag} must be at least 1", f"pass {flag} 1 or more")
-        return self
 
 
 @dataclass
@@ -159,7 +138,7 @@ def _curve(mode: str) -> Callable:
         sel = slice(None)
         curves = F.perturbation_curve(F.probability_score(ex.model), data.device_images(sel),
                                       res.maps, data.device_targets(sel), mode=mode,
-                                      steps=data.options.steps, batch_size=ex.batch_size * 4)
+                                      steps=data.options.deletion_steps, batch_size=ex.batch_size * 4)
         return {f"{mode}_auc": _mean(F.curve_auc(curves))}
     return metric
 
@@ -268,7 +247,7 @@ def parse_metrics(text: str | None) -> list[str]:
     names = [p.strip() for p in str(text).split(",") if p.strip()]
     for n in names:
         if n not in METRICS:
-            raise UsageError(f"unknown --metrics entry {n!r}{close_matches(n, METRICS)}",
+            raise UsageError(f"unknown `metrics` entry {n!r}{close_matches(n, METRICS)}",
                              f"choose from {', '.join(METRICS)} or all")
     return names
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from cnnexplain.config.saliency import IG_METHODS
 from cnnexplain.errors import UsageError, close_matches
 from cnnexplain.explain.saliency.base import (Attribution, Context, SaliencyMethod, chunks,
                                               input_gradient, register, METHODS)
@@ -118,8 +119,8 @@ def ig_quadrature(steps: int, method: str) -> tuple[np.ndarray, np.ndarray]:
         return 0.5 * (nodes + 1.0), 0.5 * w
     if method == "riemann_trapezoid":
         if n < 2:
-            raise UsageError("--ig-method riemann_trapezoid needs --ig-steps >= 2",
-                             "raise --ig-steps or choose another --ig-method")
+            raise UsageError("`ig_method` riemann_trapezoid needs `ig_steps` >= 2",
+                             "raise `ig_steps` or choose another `ig_method`")
         w = np.full(n, 1.0 / (n - 1))
         w[0] = w[-1] = 0.5 / (n - 1)
         return np.linspace(0.0, 1.0, n), w
@@ -130,7 +131,7 @@ def ig_quadrature(steps: int, method: str) -> tuple[np.ndarray, np.ndarray]:
         return np.linspace(1.0 / n, 1.0, n), w
     if method == "riemann_middle":
         return np.linspace(0.5 / n, 1.0 - 0.5 / n, n), w
-    raise UsageError(f"unknown --ig-method {method!r}", "see `cnnexplain saliency --help`")
+    raise UsageError(f"unknown `ig_method` {method!r}", f"choose one of: {', '.join(IG_METHODS)}")
 
 
 @register
@@ -167,10 +168,10 @@ class IntegratedGradients(PixelGradientMethod):
 @register
 class SmoothGrad(PixelGradientMethod):
     name = "smoothgrad"
-    description = "SmoothGrad: mean of a gradient method over noisy copies (--smoothgrad-base)"
+    description = "SmoothGrad: mean of a gradient method over noisy copies (`smoothgrad_base`)"
     citation = "Smilkov et al. 2017; seed 002"
     reduction = "max-abs"  # replaced by the base method's reduction in compute()
-    sign = "as the base method (--smoothgrad-base); raw is the mean of the base's raw outputs"
+    sign = "as the base method (`smoothgrad_base`); raw is the mean of the base's raw outputs"
     option_names = ("smoothgrad_base", "smoothgrad_samples", "smoothgrad_sigma",
                     "internal_batch_size")
     stochastic = True
@@ -179,13 +180,13 @@ class SmoothGrad(PixelGradientMethod):
 
     @property
     def reduction_doc(self) -> str:
-        return "the --smoothgrad-base method's reduction of the averaged raw"
+        return "the `smoothgrad_base` method's reduction of the averaged raw"
 
     @staticmethod
     def base_method(name: str) -> PixelGradientMethod:
         bases = [k for k, m in METHODS.items() if getattr(m, "smoothable", False)]
         if name not in bases:
-            raise UsageError(f"--smoothgrad-base {name!r} is not a gradient method"
+            raise UsageError(f"`smoothgrad_base` {name!r} is not a gradient method"
                              f"{close_matches(name, bases)}", f"choose one of {', '.join(bases)}")
         return METHODS[name]
 

@@ -1,18 +1,18 @@
 """What ``saliency`` explains: images in model-input space, their labels and ground truth, and
-the (image, class) pairs chosen by ``--target``.
+the (image, class) pairs chosen by ``target``.
 
 Three sources (exactly one):
 
-- a dataset spec (``--dataset``, e.g. ``synthetic:n=200,res=32,second=1.0``): images in [0, 1]
+- a dataset spec (``dataset``, e.g. ``synthetic:n=200,res=32,second=1.0``): images in [0, 1]
   normalized per the model's preprocessing; labels; and for the synthetic world the ground truth
   of the main object (``mask``, ``box``) and of the second object (``second_label``,
   ``second_mask``, ``second_box``; label -1 when absent);
-- image files or a directory (``--images``): read with PIL, resized per the preprocessing
-  (``--resize``; images of mixed sizes need it), normalized; no labels;
-- a ``.npy`` file (``--inputs``): float ``N x 3 x H x W`` already preprocessed, used as is
+- image files or a directory (``images``): read with PIL, resized per the preprocessing
+  (``resize``; images of mixed sizes need it), normalized; no labels;
+- a ``.npy`` file (``inputs``): float ``N x 3 x H x W`` already preprocessed, used as is
   (loaded with ``allow_pickle=False``; NaN / Inf refused).
 
-Targets (``--target``): ``pred`` (the model's top class), ``label`` (needs labels), an integer
+Targets (``target``): ``pred`` (the model's top class), ``label`` (needs labels), an integer
 class, or ``topk:K`` (each image becomes K pairs, its K top classes).
 """
 
@@ -90,7 +90,7 @@ def from_dataset(spec: str, split: str, preprocessing: Preprocessing, limit: int
 
     ds = open_dataset(spec, split=split, preprocessing=preprocessing, limit=limit, seed=seed)
     if len(ds) == 0:
-        raise UsageError(f"dataset {spec} split {split} has no images", "check --split and --limit")
+        raise UsageError(f"dataset {spec} split {split} has no images", "check `split` and `limit`")
     got = _collect(ds, batch_size, progress)
     truth = {k: got[k] for k in TRUTH_KEYS if k in got} or None
     if truth is not None and not all(k in truth for k in ("mask", "box")):
@@ -121,15 +121,15 @@ def image_paths(items) -> list[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise UsageError(f"--images: {p} does not exist", "pass image files or a directory")
+            raise UsageError(f"`images`: {p} does not exist", "pass image files or a directory")
     if not out:
-        raise UsageError("--images names no files", "pass image files or a directory")
+        raise UsageError("`images` names no files", "pass image files or a directory")
     return out
 
 
 def from_images(items, preprocessing: Preprocessing, progress=None) -> ImageSet:
     """Read image files (or directories of them) as the model expects: [0, 1], resized per
-    ``preprocessing`` (mixed sizes need ``--resize``), normalized."""
+    ``preprocessing`` (mixed sizes need ``resize``), normalized."""
     from cnnexplain.data.datasets import ImageFileDataset
 
     paths = image_paths(items)
@@ -156,29 +156,29 @@ def from_npy(path, min_size: int = 1) -> ImageSet:
     for a missing / unreadable / pickled file, a wrong shape or dtype, and NaN / Inf."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise UsageError(f"--inputs {p} does not exist", "pass a .npy file saved with numpy.save")
+        raise UsageError(f"`inputs` {p} does not exist", "pass a .npy file saved with numpy.save")
     try:
         arr = np.load(p, allow_pickle=False)
     except ValueError as exc:
-        raise CnnexplainError(f"--inputs {p} cannot be read without unpickling ({exc})",
+        raise CnnexplainError(f"`inputs` {p} cannot be read without unpickling ({exc})",
                               "save a plain float array with numpy.save") from None
     except (OSError, EOFError) as exc:
-        raise CnnexplainError(f"--inputs {p} is not a readable .npy file ({exc})",
+        raise CnnexplainError(f"`inputs` {p} is not a readable .npy file ({exc})",
                               "save a float array with numpy.save(path, array)") from None
     if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
         kind = getattr(arr, "dtype", type(arr))
-        raise UsageError(f"--inputs {p} holds {kind}, not floats",
+        raise UsageError(f"`inputs` {p} holds {kind}, not floats",
                          "save a float32 array N x 3 x H x W, already normalized")
     if arr.ndim != 4 or arr.shape[1] != 3 or arr.shape[0] < 1:
-        raise UsageError(f"--inputs {p} has shape {list(arr.shape)}, expected N x 3 x H x W",
+        raise UsageError(f"`inputs` {p} has shape {list(arr.shape)}, expected N x 3 x H x W",
                          "save a batch of RGB images, channels first")
     if arr.shape[2] < min_size or arr.shape[3] < min_size:
-        raise UsageError(f"--inputs {p} images are {arr.shape[2]}x{arr.shape[3]}, smaller than "
+        raise UsageError(f"`inputs` {p} images are {arr.shape[2]}x{arr.shape[3]}, smaller than "
                          f"the model's minimum {min_size}", f"save images of at least {min_size} px")
     bad = ~np.isfinite(arr)
     if bad.any():
         first = np.argwhere(bad)[0]
-        raise UsageError(f"--inputs {p} contains NaN or Inf ({int(bad.sum())} values, first in "
+        raise UsageError(f"`inputs` {p} contains NaN or Inf ({int(bad.sum())} values, first in "
                          f"image {int(first[0])})", "remove or fix those images")
     images = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     return ImageSet(images=images, source=f"inputs:{p}", labels=None, truth=None,
@@ -195,7 +195,7 @@ _TOPK = re.compile(r"topk:(\d+)$")
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """``--target``: ``kind`` in pred / label / class / topk, ``value`` the class or K."""
+    """``target``: ``kind`` in pred / label / class / topk, ``value`` the class or K."""
 
     kind: str
     value: int = 0
@@ -210,25 +210,25 @@ class TargetSpec:
         if m:
             k = int(m.group(1))
             if k < 1:
-                raise UsageError(f"--target {text}: K must be at least 1", "pass e.g. --target topk:2")
+                raise UsageError(f"`target` {text}: K must be at least 1", "pass e.g. `target` topk:2")
             return cls("topk", k, t)
         if re.fullmatch(r"-?\d+", t):
             return cls("class", int(t), t)
-        raise UsageError(f"--target {text!r} is not pred, label, a class index or topk:K",
-                         "pass e.g. --target pred, --target label, --target 3 or --target topk:2")
+        raise UsageError(f"`target` {text!r} is not pred, label, a class index or topk:K",
+                         "pass e.g. `target` pred, `target` label, `target` 3 or `target` topk:2")
 
     def check(self, num_classes: int, has_labels: bool) -> None:
         """One-line UsageError when the spec cannot apply to this model / these inputs."""
         if self.kind == "class" and not 0 <= self.value < num_classes:
-            raise UsageError(f"--target {self.value} is out of range: the model has "
+            raise UsageError(f"`target` {self.value} is out of range: the model has "
                              f"{num_classes} classes (0..{num_classes - 1})",
                              f"pass a class index below {num_classes}")
         if self.kind == "topk" and self.value > num_classes:
-            raise UsageError(f"--target topk:{self.value} asks for more classes than the model's "
+            raise UsageError(f"`target` topk:{self.value} asks for more classes than the model's "
                              f"{num_classes}", f"pass K <= {num_classes}")
         if self.kind == "label" and not has_labels:
-            raise UsageError("--target label needs labelled images, these inputs have no labels",
-                             "use --target pred, a class index, or a labelled --dataset")
+            raise UsageError("`target` label needs labelled images, these inputs have no labels",
+                             "use `target` pred, a class index, or a labelled `dataset`")
 
     @property
     def needs_predictions(self) -> bool:

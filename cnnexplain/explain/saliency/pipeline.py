@@ -1,13 +1,11 @@
-"""The ``saliency`` command as three library calls: :func:`plan` (validate everything, load the
-model's inputs; nothing is computed or written), :func:`execute` (maps for every method, then
-the evaluation) and :func:`write_outputs` (``saliency/maps.h5``, ``evaluation.csv``,
-``sanity.csv``, overlays and the grid, all written atomically).
-"""
+"""Saliency over a set of inputs: :func:`plan` checks a job against the loaded model and the
+inputs (methods apply, the layer suits them, the target fits; nothing is computed),
+:func:`execute` computes the maps of every method and their evaluation. The ``saliency`` job
+(:mod:`cnnexplain.jobs.saliency`) writes the files."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,7 +26,7 @@ def parse_methods(text: str | None) -> list[str] | None:
         return None
     names = [p.strip() for p in str(text).split(",") if p.strip()]
     if not names:
-        raise UsageError("--methods is empty", "pass e.g. --methods gradient,gradcam or all")
+        raise UsageError("`methods` is empty", "pass e.g. `methods=gradient,gradcam` or all")
     for n in names:
         get_method(n)
     return list(dict.fromkeys(names))
@@ -76,12 +74,12 @@ def probe_layer(model, layer: str, example: torch.Tensor, methods: list[str], cl
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UsageError(f"{users[0]} needs a convolutional layer with output [B, C, h, w]; "
                          f"{layer!r} outputs {shape}",
-                         "pass --layer naming a conv block, e.g. the backbone's default layer")
+                         "pass `layer` naming a conv block, e.g. the backbone's default layer")
     gated = [n for n in methods if METHODS[n].needs_gate]
     if gated and clusters is not None and clusters.shape[1] != out.shape[1]:
         raise UsageError(f"the gate's clusters cover {clusters.shape[1]} channels but layer "
                          f"{layer!r} has {out.shape[1]}",
-                         "leave out --layer so that gated-cam explains the gated layer")
+                         "leave out `layer` so that gated-cam explains the gated layer")
     return tuple(out.shape[1:])
 
 
@@ -105,19 +103,18 @@ class Plan:
     notices: list[str] = field(default_factory=list)
 
 
-def plan(loaded, images: ImageSet, methods_text: str | None, target_text: str, layer: str | None,
-         options: MethodOptions, batch_size: int, device, seed: int = 0, evaluate: bool = False,
-         metrics: list[str] | None = None, eval_options: EvalOptions | None = None,
-         overlays: int = 8) -> Plan:
-    """Validate the whole job against the loaded model and inputs (nothing computed or
+def plan(loaded, images: ImageSet, requested: list[str] | None, target: TargetSpec,
+         layer: str | None, options: MethodOptions, batch_size: int, device, seed: int = 0,
+         evaluate: bool = False, metrics: list[str] | None = None,
+         eval_options: EvalOptions | None = None, overlays: int = 8) -> Plan:
+    """Check the whole job against the loaded model and inputs (nothing computed or
     written): methods apply to the model, the layer exists and suits them, the target fits the
-    model and the inputs, the inputs are large enough, evaluation has ground truth."""
+    model and the inputs, the inputs are large enough, evaluation has ground truth.
+    ``requested``: method names (:func:`parse_methods`; None: every applicable one);
+    ``options`` / ``eval_options``: validated options."""
     from cnnexplain.models.gates import class_clusters, gate_matrix, gate_threshold
 
-    options = options.validate()
-    eval_options = (eval_options or EvalOptions()).validate()
-    requested = parse_methods(methods_text)
-    target = TargetSpec.parse(target_text)
+    eval_options = eval_options or EvalOptions()
     layer = layer or loaded.layer
     get_module(loaded.model, layer)
     notices: list[str] = []
@@ -136,18 +133,18 @@ def plan(loaded, images: ImageSet, methods_text: str | None, target_text: str, l
     info = model_info(loaded, clusters)
     methods, skipped = select_methods(requested, info)
     if skipped:
-        notices.append(f"--methods all: skipping {', '.join(skipped)} (not applicable to "
-                       f"{info.label}; see `cnnexplain saliency --list-methods`)")
+        notices.append(f"`methods=all`: skipping {', '.join(skipped)} (not applicable to "
+                       f"{info.label}; see the list of methods)")
     if evaluate and images.truth is None:
-        raise UsageError(f"--evaluate needs ground-truth boxes or masks, and {images.source} "
-                         "has none", "evaluate on --dataset synthetic[...] (its images carry "
-                         "masks and boxes), or leave out --evaluate")
+        raise UsageError(f"`evaluate` needs ground-truth boxes or masks, and {images.source} "
+                         "has none", "evaluate on `dataset=synthetic[...]` (its images carry "
+                         "masks and boxes), or leave out `evaluate=true`")
     target.check(int(loaded.num_classes), images.has_labels)
     h, w = images.size
     min_size = loaded.spec.min_size
     if min(h, w) < min_size:
         raise UsageError(f"{loaded.backbone} needs inputs of at least {min_size} px, these are "
-                         f"{h}x{w}", f"pass --resize {max(min_size, 64)} (or a dataset with "
+                         f"{h}x{w}", f"pass `resize={max(min_size, 64)}` (or a dataset with "
                          "larger images)")
     example = images.images[:1].to(device)
     probe_layer(loaded.model, layer, example, methods, clusters)
@@ -206,7 +203,7 @@ def execute(p: Plan, cache=None, progress=None) -> Outcome:
     for r in results:
         if not np.isfinite(r.maps).all():
             raise CnnexplainError(f"{r.method} produced NaN or Inf values",
-                                  "check the model and the inputs (re-run with --no-cache)")
+                                  "check the model and the inputs (re-run with `no_cache=true`)")
     outcome = Outcome(image_index, targets, rank, results)
     if p.evaluate:
         labels = p.images.labels if p.images.labels is not None else torch.full(
@@ -224,30 +221,3 @@ def display_images(p: Plan) -> np.ndarray:
     preprocessing)."""
     img = p.loaded.preprocessing.denormalize(p.images.images).clamp(0, 1)
     return img.permute(0, 2, 3, 1).numpy()
-
-
-def write_outputs(p: Plan, o: Outcome, out: Path, progress=None) -> list[Path]:
-    """Write ``out/saliency/...`` atomically; returns the written paths."""
-    from cnnexplain.explain.saliency_outputs import write_maps_h5, write_pngs
-    from cnnexplain.io import write_csv
-
-    base = Path(out) / "saliency"
-    labels = (p.images.labels[o.image_index] if p.images.labels is not None
-              else torch.full((len(o.image_index),), -1, dtype=torch.long))
-    names = [p.images.names[int(i)] for i in o.image_index]
-    attrs = {"target": p.target.text, "source": p.images.source,
-             "model_json": p.loaded.describe(), "methods_json": p.methods,
-             "preprocessing_json": p.loaded.preprocessing.to_dict(), "layer": p.layer}
-    paths = [write_maps_h5(base / "maps.h5", o.results, o.image_index.numpy(),
-                           o.targets.numpy(), o.rank.numpy(), labels.numpy(), names, attrs)]
-    if o.evaluation is not None:
-        write_csv(base / "evaluation.csv", o.evaluation)
-        paths.append(base / "evaluation.csv")
-    if o.sanity is not None:
-        write_csv(base / "sanity.csv", o.sanity)
-        paths.append(base / "sanity.csv")
-    if p.overlays > 0:
-        paths += write_pngs(base, o.results, display_images(p), o.image_index.numpy(),
-                            o.targets.numpy(), p.images.names, p.loaded.class_name, p.overlays,
-                            progress)
-    return paths

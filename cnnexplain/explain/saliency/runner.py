@@ -14,7 +14,7 @@ Cache entries (``kind="saliency"``, see :mod:`cnnexplain.cache`) hold ``maps`` `
     inputs         digest of the model-input tensor [N, 3, H, W]
     preprocessing  digest of resize / mean / std
     pairs          digest of (image index, target) of every explained pair
-    target         the --target text
+    target         the `target` text
     seed           the seed (methods that draw random numbers; else null)
     extra          what else makes the entry differ (the sanity check's randomization step)
 

@@ -5,7 +5,7 @@ Layout under ``DIR/dissect/`` (every file written atomically, after the computat
 
     tally.csv             NetDissect-Lite's columns: unit (1-based), category, label, score, then
                           per category <cat>-label, -truth, -activation, -intersect, -iou; units
-                          by descending score. With several --layer values this is the LAST
+                          by descending score. With several `layer` values this is the LAST
                           layer's, and each layer also gets <layer>/tally.csv.
     summary.csv           layer, category, units, detector_units, unique_concepts ("all" row per
                           layer)
@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnexplain.explain.dissection import (
-    activation_for, bilinear_matrix, iou, tally_columns, tally_rows)
+from cnnexplain.explain.dissect.labels import activation_for, iou, tally_columns, tally_rows
+from cnnexplain.explain.dissect.tally import bilinear_matrix
 from cnnexplain.io import atomic_path, write_bytes, write_text
 
 TILE = 128
@@ -252,7 +252,10 @@ def write_dissection(result, out: Path, load_image: Callable[[int], torch.Tensor
                      clusters: list[dict] | None = None, title: str = "Network Dissection"
                      ) -> list[Path]:
     """Write every file of the module docstring under ``out/dissect``; the paths written."""
-    d = Path(out) / "dissect"
+    from cnnexplain.layout import RunLayout
+
+    layout = RunLayout(out)
+    d = layout.dissect
     cats = result.space.categories
     columns = tally_columns(cats)
     written: list[Path] = []
@@ -263,29 +266,29 @@ def write_dissection(result, out: Path, load_image: Callable[[int], torch.Tensor
         text = _csv_text(columns, tally_rows(lr.labels, lr.tally, result.config.iou_mode,
                                              result.space))
         if multi:
-            write_text(d / name / "tally.csv", text)
-            written.append(d / name / "tally.csv")
+            write_text(layout.dissect_tally(name), text)
+            written.append(layout.dissect_tally(name))
         if name == last:
-            write_text(d / "tally.csv", text)
-            written.append(d / "tally.csv")
+            write_text(layout.dissect_tally(), text)
+            written.append(layout.dissect_tally())
         for r in lr.summary_rows(cats, result.config.iou_threshold):
             summary.append({"layer": name, "category": r["category"], "units": lr.units,
                             "detector_units": r["detector_units"],
                             "unique_concepts": r["unique_concepts"]})
-    write_text(d / "summary.csv", _csv_text(["layer", "category", "units", "detector_units",
-                                             "unique_concepts"], summary))
-    written.append(d / "summary.csv")
-    _write_h5(d / "iou.h5", result)
-    written.append(d / "iou.h5")
+    write_text(layout.dissect_summary, _csv_text(["layer", "category", "units",
+                                                  "detector_units", "unique_concepts"], summary))
+    written.append(layout.dissect_summary)
+    _write_h5(layout.dissect_iou, result)
+    written.append(layout.dissect_iou)
     if clusters is not None:
-        write_text(d / "clusters.csv", _csv_text(["class", "class_name", "channels", "detectors",
+        write_text(layout.dissect_clusters, _csv_text(["class", "class_name", "channels", "detectors",
                                                   "unique_concepts", "concepts", "units"],
                                                  clusters))
-        written.append(d / "clusters.csv")
+        written.append(layout.dissect_clusters)
     bars, strips = {}, {}
     for i, (name, lr) in enumerate(result.layers.items()):
         rows = lr.summary_rows(cats, result.config.iou_threshold)[:-1]
-        png = d / f"detectors-{i + 1}.png"
+        png = layout.dissect_detectors(i + 1)
         write_bytes(png, bar_graph_png(rows, f"{name}: detectors per category "
                                              f"(IoU > {result.config.iou_threshold})"))
         bars[name] = png
@@ -294,6 +297,6 @@ def write_dissection(result, out: Path, load_image: Callable[[int], torch.Tensor
             strips[name] = write_strips(lr, load_image, d / "images" / str(i + 1))
             written += list(strips[name].values())
     page = render_html(result, d, bars, strips, clusters, title)
-    write_text(d / "index.html", page)
-    written.append(d / "index.html")
+    write_text(layout.dissect_index, page)
+    written.append(layout.dissect_index)
     return written

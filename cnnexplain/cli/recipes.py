@@ -26,6 +26,9 @@ COMMON_SECTION = "common"
 def read_recipe(path: str | Path) -> dict:
     """Parse a recipe file into a mapping (safe_load; one-line errors for bad files)."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"recipe {path} is a directory, not a YAML file",
+                         "pass --recipe FILE.yaml")
     if not path.is_file():
         raise UsageError(f"recipe {path} does not exist", "check the --recipe path")
     try:

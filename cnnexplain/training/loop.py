@@ -1,6 +1,6 @@
 """``train-gated``: train a CNN whose target-layer channels each serve a few classes only.
 
-Methods (``--method``, gates in :mod:`cnnexplain.models.gates`):
+Methods (``method``, gates in :mod:`cnnexplain.models.gates`):
 
 - ``std``: ``CE(y, ŷ)`` on the same architecture (the baseline).
 - ``cdcnn-r1p2`` / ``cdcnn-r1p1`` (seed ``000_d60c53f3ec4d0e03.txt``, ``Loss_1``):
@@ -25,7 +25,7 @@ What makes a run reproducible and resumable
   values), ``L_int`` is normalized by the global number of counted samples, and BatchNorm uses
   global batch statistics (:func:`sync_batchnorm_`), so a 2-process run follows the
   single-process run with the same global batch up to float summation order.
-- Validation every epoch on a split carved from the training data (``--val-fraction``, seeded);
+- Validation every epoch on a split carved from the training data (``val_fraction``, seeded);
   ``best.pt`` is the epoch with the best validation ACC1; the test split is never looked at.
 - A loss term that becomes NaN or infinite stops the run with one line naming the term, the
   epoch and the step; the last checkpoint (written at the end of the previous epoch) is intact.
@@ -33,12 +33,10 @@ What makes a run reproducible and resumable
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import time
-import types
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -52,11 +50,25 @@ from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.errors import CnnexplainError, UsageError
 from cnnexplain.models import zoo
 from cnnexplain.models.checkpoint import (Checkpoint, load_checkpoint, save_checkpoint)
-from cnnexplain.models.gates import (METHODS, Gate, GateNoise, GatedNetwork, apply_mask,
-                                     check_choice, class_clusters, make_gate)
+from cnnexplain.models.gates import (Gate, GateNoise, GatedNetwork, apply_mask, class_clusters,
+                                     make_gate)
 from cnnexplain.models.layers import get_module, split_at
 from cnnexplain.models.network import insert_conv
 from cnnexplain.runtime import Dist
+from cnnexplain.training.augment import augment_batch
+from cnnexplain.config.train import TrainConfig
+
+TERM_NAMES = {"std": ("CE", "", ""), "picnn": ("L_dis", "L_int", ""),
+              "cdcnn-r1p2": ("CE", "CE_W", "||W||_12"), "cdcnn-r1p1": ("CE", "CE_W", "||W||_12"),
+              "cdcnn-r0p1": ("CE", "CE_W", "")}
+"""The seeds' names of (main, gated, regularizer) loss terms per method, used in messages."""
+
+RESUME_IGNORED = {"sync_bn", "channels_last"}
+"""Config keys that may differ on a resumed run (they do not change the math)."""
+from cnnexplain.training.data import MEMO_BYTES, ImageLabel, _collate
+from cnnexplain.training.distributed import sync_batchnorm_
+from cnnexplain.training.state import (EpochBatches, derive_seed, generator, rng_state,
+                                       set_rng_state)
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
@@ -68,7 +80,7 @@ LOG_COLUMNS = ["epoch", "loss", "loss_main", "loss_gated", "loss_reg", "loss_neg
                "gate_lr", "epoch_time_s"]
 """``train_log.csv`` columns. ``loss_main``: CE of the full pathway (seed 000's ``CE(y, ŷ)``,
 seed 004's ``L_dis``); ``loss_gated``: CE of the gated pathway (``CE(y, ŷ_W)`` / ``L_int``);
-``loss_reg``: ``||W||_{1,2}``; ``loss_neg``: the wrong-mask term of ``--lambda-neg``
+``loss_reg``: ``||W||_{1,2}``; ``loss_neg``: the wrong-mask term of ``lambda_neg``
 (:func:`wrong_mask_loss`); ``loss``: the weighted total. ``train_gated_acc``: accuracy of the
 gated pathway on the training masks; ``pseudo_match``: fraction of samples whose mask row
 was their true class; ``gated_follows_mask``: fraction of samples whose gated prediction is the
@@ -78,308 +90,6 @@ the gated pathway reads the answer off the mask pattern rather than off the chan
 ``val_acc2`` / ``val_acc3``: validation accuracy with only the predicted
 class's cluster / without the true class's cluster (deterministic clusters, threshold);
 ``gate_peakedness``: mean over channels of the largest class share of the channel's row."""
-
-TERM_NAMES = {"std": ("CE", "", ""), "picnn": ("L_dis", "L_int", ""),
-              "cdcnn-r1p2": ("CE", "CE_W", "||W||_12"), "cdcnn-r1p1": ("CE", "CE_W", "||W||_12"),
-              "cdcnn-r0p1": ("CE", "CE_W", "")}
-"""The seeds' names of (main, gated, regularizer) loss terms per method, used in messages."""
-
-DEFAULTS = {
-    # method hyper-parameters (seed values where the seeds give one)
-    "lambda1": 1.0,          # seed 000: weight of CE(y, ŷ_W) (no value in the seed)
-    "lambda2": 0.05,         # seed 000: weight of ||W||_{1,2} (no value in the seed)
-    "lam": 2.0,              # seed 004: λ = 2
-    "lambda_neg": 0.0,       # not in the seeds: weight of the wrong-mask term (0 = the seeds' loss)
-    "delta_start": 1.0,
-    "delta_end": 0.05,
-    "gate_lr": 0.05,
-    "gate_temperature": 1.0,
-    "gate_threshold": 0.5,
-}
-
-
-@dataclass
-class TrainConfig:
-    """Every option that changes the trained weights (recorded in the checkpoint; ``--resume``
-    refuses to continue with different values). See ``cnnexplain train-gated --help``."""
-
-    backbone: str = "resnet18"
-    num_classes: int = 0
-    layer: str = ""
-    insert_conv: int | None = None
-    weights: str | None = None
-    method: str = "picnn"
-    epochs: int = 10
-    batch_size: int = 64
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    grad_clip: float | None = None
-    gate_lr: float = DEFAULTS["gate_lr"]
-    lambda1: float = DEFAULTS["lambda1"]
-    lambda2: float = DEFAULTS["lambda2"]
-    lam: float = DEFAULTS["lam"]
-    lambda_neg: float = DEFAULTS["lambda_neg"]
-    delta_start: float = DEFAULTS["delta_start"]
-    delta_end: float = DEFAULTS["delta_end"]
-    gate_temperature: float = DEFAULTS["gate_temperature"]
-    gate_threshold: float = DEFAULTS["gate_threshold"]
-    gate_label: str = "true"
-    gate_samples: str = "matched"
-    gated_tail: str = "shared"
-    gate_warmup: int = 0
-    val_fraction: float = 0.1
-    augment: str = "none"
-    seed: int = 0
-    amp: bool = False
-    channels_last: bool = False
-    sync_bn: bool = True
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def validate(self) -> None:
-        """Usage errors for impossible values (before anything is built or written)."""
-        if self.method not in METHODS:
-            from cnnexplain.errors import close_matches
-
-            raise UsageError(f"unknown --method {self.method!r}{close_matches(self.method, METHODS)}",
-                             f"choose one of: {', '.join(METHODS)}")
-        checks = [
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}", "pass e.g. --epochs 10"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}",
-             "pass e.g. --batch-size 64"),
-            (self.optimizer in ("sgd", "adam"), f"--optimizer must be sgd or adam, got {self.optimizer!r}",
-             "pass --optimizer sgd or --optimizer adam"),
-            (self.schedule in ("cosine", "constant"),
-             f"--schedule must be cosine or constant, got {self.schedule!r}",
-             "pass --schedule cosine or --schedule constant"),
-            (0 < self.lr <= MAX_LR, f"--lr must be in (0, {MAX_LR:g}], got {self.lr}",
-             "pass e.g. --lr 0.001"),
-            (0 < self.gate_lr <= MAX_LR, f"--gate-lr must be in (0, {MAX_LR:g}], got {self.gate_lr}",
-             "pass e.g. --gate-lr 0.05"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}",
-             "pass e.g. --weight-decay 1e-4"),
-            (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}",
-             "pass e.g. --momentum 0.9"),
-            (self.grad_clip is None or self.grad_clip > 0,
-             f"--grad-clip must be positive, got {self.grad_clip}", "pass e.g. --grad-clip 5, or leave it out"),
-            *[(value >= 0, f"{flag} must be >= 0, got {value}", f"pass e.g. {flag} {default}")
-              for flag, value, default in (("--lambda", self.lam, 2), ("--lambda1", self.lambda1, 1),
-                                           ("--lambda2", self.lambda2, 0.05),
-                                           ("--lambda-neg", self.lambda_neg, 1))],
-            (self.delta_start > 0 and self.delta_end > 0,
-             f"--delta-start and --delta-end must be positive, got {self.delta_start} and {self.delta_end}",
-             "pass e.g. --delta-start 1 --delta-end 0.05"),
-            (self.gate_temperature > 0, f"--gate-temperature must be positive, got {self.gate_temperature}",
-             "pass e.g. --gate-temperature 1"),
-            (0 < self.gate_threshold < 1,
-             f"--gate-threshold must be in (0, 1), got {self.gate_threshold}", "pass e.g. --gate-threshold 0.5"),
-            (0 <= self.gate_warmup < self.epochs or (self.method == "std" and self.gate_warmup >= 0),
-             f"--gate-warmup {self.gate_warmup} must be less than --epochs {self.epochs}",
-             "lower --gate-warmup or raise --epochs"),
-            (0 < self.val_fraction < 1, f"--val-fraction must be in (0, 1), got {self.val_fraction}",
-             "pass e.g. --val-fraction 0.1"),
-            (self.augment in AUGMENTATIONS,
-             f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}",
-             "pass --augment none, flip or flip-crop"),
-            (self.insert_conv is None or self.insert_conv >= 1,
-             f"--insert-conv must be at least 1, got {self.insert_conv}", "pass e.g. --insert-conv 64"),
-        ]
-        for ok, problem, fix in checks:
-            if not ok:
-                raise UsageError(problem, fix)
-        for flag, value in (("--gate-label", self.gate_label), ("--gate-samples", self.gate_samples),
-                            ("--gated-tail", self.gated_tail)):
-            check_choice(flag, value)
-
-    def gate_hparams(self) -> dict:
-        return {"delta_start": self.delta_start, "delta_end": self.delta_end,
-                "temperature": self.gate_temperature, "threshold": self.gate_threshold,
-                "label_source": self.gate_label, "samples": self.gate_samples}
-
-
-AUGMENTATIONS = ("none", "flip", "flip-crop")
-"""Training-time augmentation: horizontal flips with probability 1/2, and (flip-crop) random
-crops of the image padded by 1/8 of its side with zeros (the usual CIFAR recipe)."""
-
-
-def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator, start: int = 0,
-                  total: int | None = None) -> torch.Tensor:
-    """Augment ``x`` [B, 3, H, W] (in [0, 1], before normalization) with the draws of a global
-    batch of ``total`` images from ``g`` (this rank's rows start at ``start``), so resumed and
-    distributed runs see the same augmented images."""
-    if kind == "none":
-        return x
-    b, _, h, w = x.shape
-    total = total or b
-    flips = torch.rand(total, generator=g)[start:start + b] < 0.5
-    pad = max(1, h // 8)
-    shifts = torch.randint(0, 2 * pad + 1, (total, 2), generator=g)[start:start + b]
-    if kind == "flip-crop":
-        padded = F.pad(x, (pad, pad, pad, pad))
-        x = torch.stack([padded[i, :, int(dy):int(dy) + h, int(dx):int(dx) + w]
-                         for i, (dy, dx) in enumerate(shifts.tolist())])
-    flips = flips.to(x.device)
-    return torch.where(flips[:, None, None, None], x.flip(-1), x)
-
-
-MAX_LR = 1e30
-"""Largest accepted learning rate (beyond it the optimizers' float32 arithmetic overflows)."""
-
-RESUME_IGNORED = {"sync_bn", "channels_last"}
-"""Config keys that may differ on ``--resume`` (they do not change the math)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Deterministic randomness
-# ---------------------------------------------------------------------------------------------
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from ``parts`` (e.g. ``(seed, "order", epoch)``); stable across runs."""
-    h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-def generator(*parts) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(derive_seed(*parts))
-    return g
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The permutation of ``n`` training items for ``epoch`` (depends only on seed, epoch)."""
-    return torch.randperm(n, generator=generator(seed, "order", epoch))
-
-
-class EpochBatches:
-    """Batch sampler: the global batches of one epoch (``drop_last``), each cut into
-    ``world`` equal contiguous slices; yields this rank's slice."""
-
-    def __init__(self, n: int, batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
-        self.n, self.batch, self.seed, self.epoch = n, batch, seed, epoch
-        self.rank, self.world = rank, world
-        self.local = batch // world
-
-    def __len__(self) -> int:
-        return self.n // self.batch
-
-    def __iter__(self):
-        order = epoch_order(self.n, self.seed, self.epoch)
-        for s in range(len(self)):
-            idx = order[s * self.batch:(s + 1) * self.batch]
-            yield idx[self.rank * self.local:(self.rank + 1) * self.local].tolist()
-
-
-def rng_state() -> dict:
-    """torch, numpy, python (and CUDA) RNG states as tensors, ints and lists only."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                       "cached_gaussian": float(np_state[4])},
-             "python": {"version": int(py_state[0]), "state": [int(x) for x in py_state[1]],
-                        "gauss_next": py_state[2]}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-class ImageLabel(Dataset):
-    """``(image [3, H, W] float, label int64)`` pairs of a dataset, memoized in memory when
-    ``memo`` (a pure speed-up: items are deterministic functions of their index)."""
-
-    def __init__(self, dataset: Dataset, memo: bool = False):
-        self.dataset = dataset
-        self.memo: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if memo else None
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int):
-        if self.memo is not None and i in self.memo:
-            return self.memo[i]
-        item = self.dataset[i]
-        pair = (item["image"].float(), torch.as_tensor(item["label"], dtype=torch.int64).reshape(()))
-        if self.memo is not None:
-            self.memo[i] = pair
-        return pair
-
-
-def _collate(items):
-    return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
-
-
-MEMO_BYTES = 1 << 30
-
-
-# ---------------------------------------------------------------------------------------------
-# BatchNorm with global statistics under torch.distributed (CPU/gloo and CUDA/nccl)
-# ---------------------------------------------------------------------------------------------
-
-def _global_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """BatchNorm over the global batch of all ranks: per-channel sum, sum of squares and count
-    are all-reduced (autograd-aware, so gradients flow across ranks as in SyncBatchNorm)."""
-    import torch.distributed.nn.functional as dnn
-
-    if not self.training:
-        return type(self).forward(self, x)
-    dims = [0, *range(2, x.dim())]
-    c = x.shape[1]
-    xf = x.float()
-    count = torch.full((1,), x.numel() / c, dtype=torch.float32, device=x.device)
-    stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
-    stats = dnn.all_reduce(stats)
-    n = stats[-1]
-    mean = stats[:c] / n
-    var = (stats[c:2 * c] / n - mean * mean).clamp_min(0)
-    shape = [1, c] + [1] * (x.dim() - 2)
-    y = (xf - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
-    if self.affine:
-        y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
-    if self.track_running_stats:
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            unbiased = var * (n / (n - 1).clamp_min(1))
-            self.running_mean.mul_(1 - m).add_(mean.detach() * m)
-            self.running_var.mul_(1 - m).add_(unbiased.detach() * m)
-    return y.to(x.dtype)
-
-
-def sync_batchnorm_(model: nn.Module) -> int:
-    """Make every BatchNorm layer of ``model`` use global batch statistics across the ranks of
-    the process group (torch's SyncBatchNorm refuses CPU modules). State dict unchanged.
-    Returns the number of layers patched."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.forward = types.MethodType(_global_bn_forward, m)
-            n += 1
-    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,7 +125,7 @@ def wrong_mask_loss(logits: torch.Tensor) -> torch.Tensor:
     the gated pathway run with the mask row of a class ``c`` other than the image's label
     (:meth:`~cnnexplain.models.gates.Gate.other_class`) must give no answer at all, neither
     ``c`` (the mask pattern alone must not give it) nor the true class (``c``'s channels must not
-    carry other classes' evidence). The term of ``train-gated --lambda-neg`` against label
+    carry other classes' evidence). The term of ``train-gated``'s ``lambda_neg`` against label
     leakage; not in the seeds.
 
     ``logits`` ``[B, C]`` (the tail on the wrongly masked maps) -> scalar >= 0."""
@@ -506,23 +216,23 @@ class Trainer:
         config.validate()
         num_classes = len(class_names)
         if config.num_classes and config.num_classes != num_classes:
-            raise UsageError(f"--num-classes {config.num_classes} does not match the dataset's "
-                             f"{num_classes} classes", "leave out --num-classes")
+            raise UsageError(f"`num_classes={config.num_classes}` does not match the dataset's "
+                             f"{num_classes} classes", "leave out `num_classes`")
         config.num_classes = num_classes
         if config.method != "std" and num_classes < 2:
-            raise UsageError(f"--method {config.method} needs at least 2 classes, the dataset has "
+            raise UsageError(f"`method={config.method}` needs at least 2 classes, the dataset has "
                              f"{num_classes}", "use a dataset with several classes")
         if config.amp and device.type != "cuda":
-            notice("--amp needs CUDA; training in float32 on " + str(device))
+            notice("`amp` needs CUDA; training in float32 on " + str(device))
             config.amp = False
         if config.channels_last and device.type != "cuda":
             config.channels_last = False
         if config.batch_size % dist.world_size:
-            raise UsageError(f"--batch-size {config.batch_size} is not divisible by the "
+            raise UsageError(f"`batch_size={config.batch_size}` is not divisible by the "
                              f"{dist.world_size} processes", "pass a global batch size that is a "
-                             "multiple of --nproc_per_node")
+                             "multiple of the number of processes")
         if len(train) == 0:
-            raise CnnexplainError("the training split has no images", "check --dataset and --limit")
+            raise CnnexplainError("the training split has no images", "check `dataset` and `limit`")
         info = dict(data_info or {})
         info.update({"train_images": len(train), "val_images": len(val) if val is not None else 0})
         ckpt_path = out / CHECKPOINT
@@ -530,40 +240,40 @@ class Trainer:
         if resume:
             if not ckpt_path.is_file():
                 raise UsageError(f"nothing to resume: {ckpt_path} does not exist",
-                                 "run without --resume to start training")
+                                 "run without `resume` to start training")
             ck = load_checkpoint(ckpt_path)
             if not ck.train_state:
                 raise CnnexplainError(f"{ckpt_path} has no training state to resume from",
-                                      "run without --resume into a new --out")
+                                      "run without `resume` into a new `out`")
             _check_resume(config, ck.meta.get("training") or {})
             recorded = ck.meta.get("preprocessing")
             if recorded is not None and recorded != preprocessing.to_dict():
-                raise UsageError("--resume: the preprocessing (--resize/--mean/--std) differs from "
+                raise UsageError("`resume`: the preprocessing (`resize`/`mean`/`std`) differs from "
                                  "the checkpoint's", "resume with the options the run was started with")
             before = (ck.meta.get("data") or {}).get("fingerprint")
             if before is not None and info.get("fingerprint") is not None and before != info["fingerprint"]:
-                raise UsageError("--resume: the training data differs from the checkpoint's "
+                raise UsageError("`resume`: the training data differs from the checkpoint's "
                                  f"({(ck.meta.get('data') or {}).get('spec', '?')})",
-                                 "resume with the same --dataset, --limit and --val-fraction")
+                                 "resume with the same `dataset`, `limit` and `val_fraction`")
             state = {"ckpt": ck}
         elif ckpt_path.exists() and not overwrite:
-            raise UsageError(f"--out {out} already holds a train-gated checkpoint",
-                             "pass --resume to continue it, --overwrite to start over, or "
-                             "choose another --out")
+            raise UsageError(f"`out={out}` already holds a train-gated checkpoint",
+                             "pass `resume=true` to continue it, `overwrite=true` to start over, or "
+                             "choose another `out`")
         if len(train) < config.batch_size:
             raise UsageError(f"the training split has {len(train)} images, fewer than "
-                             f"--batch-size {config.batch_size}",
-                             "lower --batch-size or use more images (--limit)")
+                             f"`batch_size={config.batch_size}`",
+                             "lower `batch_size` or use more images (`limit`)")
         first = train[0]
         image = first["image"]
         if image.dim() != 3 or image.shape[0] != 3:
             raise CnnexplainError(f"dataset images have shape {list(image.shape)}, expected [3, H, W]",
-                                  "check --dataset")
+                                  "check `dataset`")
         spec = zoo.get_spec(config.backbone)
         side = min(int(image.shape[1]), int(image.shape[2]))
         if side < spec.min_size:
             raise UsageError(f"{config.backbone} needs images of at least {spec.min_size} px, the "
-                             f"dataset's are {side} px", f"pass --resize {spec.min_size} or larger")
+                             f"dataset's are {side} px", f"pass `resize={spec.min_size}` or larger")
         # build: model init, then gate init, from the seeded global RNG (same on every rank)
         torch.manual_seed(config.seed)
         model, layer = build_model(config, num_classes)
@@ -579,9 +289,9 @@ class Trainer:
         channels = int(a.shape[1])
         gate = make_gate(config.method, channels, num_classes, **config.gate_hparams())
         if config.lambda1 == 0 and config.method.startswith("cdcnn"):
-            notice("--lambda1 0 switches the gated pathway off: the gate will not learn")
+            notice("`lambda1=0` switches the gated pathway off: the gate will not learn")
         if config.lambda_neg > 0 and gate is None:
-            notice("--lambda-neg applies to the gated methods only; --method std trains without it")
+            notice("`lambda_neg` applies to the gated methods only; `method=std` trains without it")
         model.to(device)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -811,7 +521,7 @@ class Trainer:
             if f > 0:
                 what = "NaN" if f == 2.0 else "infinite"
                 raise CnnexplainError(f"loss term {name} became {what} at epoch {epoch + 1} step "
-                                      f"{step + 1}; lower --lr / --gate-lr or enable --grad-clip")
+                                      f"{step + 1}; lower `lr` / `gate_lr` or enable `grad_clip`")
 
     @torch.no_grad()
     def evaluate(self, data: Dataset | None) -> dict:
@@ -950,7 +660,7 @@ class Trainer:
 
 
 def _check_resume(config: TrainConfig, recorded: dict) -> None:
-    """``--resume`` continues only the run the checkpoint belongs to: every option that changes
+    """``resume`` continues only the run the checkpoint belongs to: every option that changes
     the math must be the same."""
     now = config.to_dict()
     for key, value in recorded.items():
@@ -959,48 +669,9 @@ def _check_resume(config: TrainConfig, recorded: dict) -> None:
         if key == "num_classes" and not now[key]:
             continue
         if now[key] != value:
-            flag = "--" + key.replace("_", "-")
-            if key == "lam":
-                flag = "--lambda"
-            raise UsageError(f"--resume: {flag} {now[key]!r} differs from the checkpoint's "
+            raise UsageError(f"`resume`: `{key}` {now[key]!r} differs from the checkpoint's "
                              f"{value!r}", f"resume with the options the run was started with "
-                             f"({flag} {value})")
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs besides the checkpoints
-# ---------------------------------------------------------------------------------------------
-
-def save_gate_heatmap(matrix: torch.Tensor, class_names: list[str], path: str | Path,
-                      title: str = "") -> Path:
-    """Heatmap PNG of the membership ``[K, C]``, channels (rows) sorted by their argmax class
-    then by decreasing membership; written atomically (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cnnexplain.io import atomic_path
-    from cnnexplain.models.gates import sort_channels
-
-    m = matrix.detach().float().cpu()
-    order = sort_channels(m)
-    k, c = m.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * c + 2.5), min(12.0, 3.0 + 0.02 * k)), dpi=100)
-    im = ax.imshow(m[order].numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
-                   interpolation="nearest")
-    ax.set_xticks(range(c))
-    ax.set_xticklabels([str(n) for n in class_names][:c] + [str(i) for i in range(len(class_names), c)],
-                       rotation=45, ha="right")
-    ax.set_ylabel(f"channel ({k}, sorted by class)")
-    ax.set_xlabel("class")
-    ax.set_title(title or "gate membership")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+                             f"(`{key}={value}`)")
 
 
 def gate_cache_parts(model_fingerprint: str, layer: str, method: str, config: dict) -> dict:

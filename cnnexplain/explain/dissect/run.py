@@ -2,13 +2,13 @@
 
 :func:`dissect` runs a model over a Broden-format dataset and labels every unit of one or more
 layers (Bau et al. 2017; seed ``001_67e86decce6b6927.txt`` section 7.1.2). The math lives in
-:mod:`cnnexplain.explain.dissection` and :mod:`cnnexplain.explain.quantiles`; this module feeds
-it:
+:mod:`cnnexplain.explain.dissect.tally`, :mod:`cnnexplain.explain.dissect.labels` and
+:mod:`cnnexplain.explain.dissect.quantiles`; this module feeds it:
 
 1. **Activations.** One forward pass records every requested layer (``layers.record`` hooks, so
-   ``--layer layer3,layer4`` costs one pass) and streams the maps ``[N, K, h, w]`` to the HDF5
+   ``layer layer3,layer4`` costs one pass) and streams the maps ``[N, K, h, w]`` to the HDF5
    cache (:func:`cnnexplain.activations.compute_activations`; a private temporary file with
-   ``--no-cache``). A later run with the same model, data and preprocessing reads them back
+   ``no_cache``). A later run with the same model, data and preprocessing reads them back
    without a forward pass. Measured (benchmarks/bench_dissect.py, resnet18 layer4 at 224 px,
    2 CPU threads): storing and reading the maps back costs a fraction of a second forward pass
    (dissection at 0.7-0.86x the bare forward's images/s, 0.8-0.85x a forward that also reads
@@ -16,11 +16,11 @@ it:
    ``recompute=True`` runs the forward again instead (no disk, two forward passes; three with
    the sketch), for layers whose maps would fill the disk.
 2. **Thresholds** (pass 1): per unit, the top-``q`` quantile over every image and position at
-   feature resolution, exact (:class:`~cnnexplain.explain.quantiles.TopCandidates`) or with
-   constant memory (:class:`~cnnexplain.explain.quantiles.RadixSketch`, one extra read), plus
-   each unit's top images by maximum activation (their maps kept for the report).
+   feature resolution, exact (:class:`~cnnexplain.explain.dissect.quantiles.TopCandidates`) or
+   with constant memory (:class:`~cnnexplain.explain.dissect.quantiles.RadixSketch`, one extra
+   read), plus each unit's top images by maximum activation (their maps kept for the report).
 3. **Tallies** (pass 2): the masks of each batch and the stored maps, through
-   :func:`~cnnexplain.explain.dissection.accumulate_tallies` on the chosen device.
+   :func:`~cnnexplain.explain.dissect.tally.accumulate_tallies` on the chosen device.
 
 Memory is bounded whatever the number of images: one batch of maps and masks, the exact mode's
 ``[K, m]`` candidates (``m`` about ``q * N * h * w``; checked against ``max_exact_bytes`` before
@@ -45,13 +45,15 @@ import torch
 from torch import nn
 
 from cnnexplain.activations import compute_activations
+from cnnexplain.config.dissect import DissectConfig
 from cnnexplain.data.base import ImageDataset, make_loader
 from cnnexplain.data.preprocessing import Preprocessing
-from cnnexplain.errors import CnnexplainError, UsageError, close_matches
-from cnnexplain.explain.dissection import (
-    DEFAULT_IOU_THRESHOLD, IOU_MODES, ConceptSpace, QuadTable, Tally, UnitLabels,
-    accumulate_tallies, activation_for, detector_summary, iou, label_units)
-from cnnexplain.explain.quantiles import RadixSketch, TopCandidates, check_finite, top_count
+from cnnexplain.errors import CnnexplainError, UsageError
+from cnnexplain.explain.dissect.labels import (
+    ConceptSpace, UnitLabels, activation_for, detector_summary,
+    iou, label_units)
+from cnnexplain.explain.dissect.quantiles import RadixSketch, TopCandidates, check_finite, top_count
+from cnnexplain.explain.dissect.tally import QuadTable, Tally, accumulate_tallies
 from cnnexplain.fingerprint import digest_parts
 from cnnexplain.models.layers import get_module, record
 from cnnexplain.progress import silent
@@ -62,52 +64,8 @@ QUANTILE_MODES = {
     "sketch": "two-pass radix histogram, constant memory, error bounded by the final bucket's "
               "count",
 }
-MAX_EXACT_BYTES = 4 << 30
-"""Largest exact-mode candidate buffer (all layers, :func:`exact_bytes`) before --quantile-mode
-sketch is required."""
-
-
-@dataclass(frozen=True)
-class DissectConfig:
-    """Options of one dissection (the CLI's flags of the same names)."""
-
-    quantile: float = 0.005
-    iou_threshold: float = DEFAULT_IOU_THRESHOLD
-    iou_mode: str = "original"
-    quantile_mode: str = "exact"
-    top_images: int = 8
-    batch_size: int = 32
-    workers: int = 0
-    recompute: bool = False
-    max_exact_bytes: int = MAX_EXACT_BYTES
-
-    def validate(self) -> "DissectConfig":
-        """One-line UsageErrors for every bad value (before any computation)."""
-        q = self.quantile
-        if not (isinstance(q, (int, float)) and math.isfinite(q) and 0.0 < q < 1.0):
-            raise UsageError(f"--quantile must be in (0, 1), got {q}",
-                             "pass e.g. --quantile 0.005 (the top 0.5% of activations)")
-        t = self.iou_threshold
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and 0.0 <= t < 1.0):
-            raise UsageError(f"--iou-threshold must be in [0, 1), got {t}",
-                             "pass e.g. --iou-threshold 0.04 (the paper's)")
-        if self.iou_mode not in IOU_MODES:
-            raise UsageError(f"unknown --iou-mode {self.iou_mode!r}"
-                             f"{close_matches(str(self.iou_mode), IOU_MODES)}",
-                             f"choose {' or '.join(IOU_MODES)}")
-        if self.quantile_mode not in QUANTILE_MODES:
-            raise UsageError(f"unknown --quantile-mode {self.quantile_mode!r}"
-                             f"{close_matches(str(self.quantile_mode), QUANTILE_MODES)}",
-                             f"choose {' or '.join(QUANTILE_MODES)}")
-        if self.top_images < 0:
-            raise UsageError(f"--top-images must be >= 0, got {self.top_images}",
-                             "pass e.g. --top-images 8, or 0 for no image strips")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}",
-                             "pass e.g. --batch-size 32")
-        if self.workers < 0:
-            raise UsageError(f"--workers must be >= 0, got {self.workers}", "pass e.g. --workers 2")
-        return self
+"""How the thresholds are found, per ``quantile_mode`` (declared in
+:mod:`cnnexplain.config.dissect`)."""
 
 
 @dataclass(frozen=True)
@@ -209,7 +167,7 @@ def require_broden(dataset) -> None:
         if not hasattr(dataset, attr):
             raise UsageError(f"dissection needs a Broden-format dataset, got "
                              f"{getattr(dataset, 'spec', type(dataset).__name__)}",
-                             "pass --broden PATH (or --dataset broden:PATH)")
+                             "pass `broden` PATH (or `dataset` broden:PATH)")
 
 
 def plan_layers(model: nn.Module, layers: Sequence[str], dataset, preprocessing: Preprocessing,
@@ -217,15 +175,15 @@ def plan_layers(model: nn.Module, layers: Sequence[str], dataset, preprocessing:
     """Check that every layer exists and outputs spatial maps ``[B, K, h, w]`` (one probe image
     through the model); their units and feature sizes."""
     if not layers:
-        raise UsageError("no layer to dissect", "pass --layer NAME, e.g. layer4")
+        raise UsageError("no layer to dissect", "pass `layer` NAME, e.g. layer4")
     for layer in layers:
         get_module(model, layer)
     dupes = sorted({x for x in layers if list(layers).count(x) > 1})
     if dupes:
-        raise UsageError(f"--layer lists {dupes[0]!r} twice", "list each layer once")
+        raise UsageError(f"`layer` lists {dupes[0]!r} twice", "list each layer once")
     if len(dataset) == 0:
-        raise CnnexplainError("the Broden dataset has no images (after --limit/--categories)",
-                              "check --categories and --limit")
+        raise CnnexplainError("the Broden dataset has no images (after `limit`/`categories`)",
+                              "check `categories` and `limit`")
     image = preprocessing.normalize(dataset[0]["image"][None].float())
     acts = _probe(model, list(layers), image, device)
     plans = {}
@@ -279,8 +237,8 @@ def check_memory(plans: dict[str, LayerPlan], n_images: int, config: DissectConf
     need = exact_bytes(plans, n_images, config.quantile)
     if need > config.max_exact_bytes:
         raise UsageError(f"exact thresholds would hold {need / 2**30:.1f} GiB of candidates "
-                         f"({n_images} images, --quantile {config.quantile})",
-                         "pass --quantile-mode sketch (constant memory), or lower --limit")
+                         f"({n_images} images, `quantile` {config.quantile})",
+                         "pass `quantile_mode` sketch (constant memory), or lower `limit`")
 
 
 def shard_range(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
@@ -424,7 +382,7 @@ def _raise_on_any_rank(failure: CnnexplainError | None, dist: Dist) -> None:
         _all_reduce(flag, dist)
         if failure is None and int(flag.item()):
             failure = CnnexplainError("another torchrun rank found NaN or infinite activations",
-                                      "see that rank's error; check the model and --mean/--std")
+                                      "see that rank's error; check the model and `mean`/`std`")
     if failure is not None:
         raise failure
 

@@ -119,7 +119,7 @@ def check_finite(values: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(values).all()):
         raise CnnexplainError(f"{what} contains NaN or infinite activations, so no threshold "
                               "is defined", "check the model weights and the preprocessing "
-                              "(--mean/--std)")
+                              "(`mean`/`std`)")
 
 
 # ---------------------------------------------------------------------------------------------

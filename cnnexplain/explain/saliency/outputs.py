@@ -4,14 +4,14 @@
 
     /image_index   int64 [M]      row of each explained pair in the input set
     /target        int64 [M]      explained class
-    /rank          int64 [M]      position of the class in the image's top-k (--target topk:K)
+    /rank          int64 [M]      position of the class in the image's top-k (`target` topk:K)
     /label         int64 [M]      the image's label (-1 unknown)
     /image_name    str   [M]
     /maps/<method> float32 [M, H, W]   at input resolution: the method's own reduction
     /raw/<method>  float32 [M, 3, H, W] (pixel methods, unnormalized, signed) or
                    float32 [M, h, w] (layer methods, at the layer's resolution)
 
-Root attributes: ``cnnexplain_version``, ``target`` (the --target text), ``source``,
+Root attributes: ``cnnexplain_version``, ``target`` (the `target` text), ``source``,
 ``model_json``, ``preprocessing_json``, ``methods_json``. Every ``maps/<method>`` and
 ``raw/<method>`` dataset carries ``description``, ``kind``, ``shape``, ``reduction`` (how the map
 comes from raw), ``sign`` (sign convention), ``units``, ``citation``, ``options_json`` (the options that

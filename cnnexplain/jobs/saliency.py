@@ -1,0 +1,96 @@
+"""``saliency``: pixel-level explanations with every method of the seeds, for any backbone,
+batched, on CPU or GPU, scored with the seeds' evaluations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from cnnexplain.config.saliency import SaliencyOptions
+from cnnexplain.jobs.base import Output, Session
+from cnnexplain.jobs.resolve import resolve
+
+COMMAND = "saliency"
+
+
+def plan(options: SaliencyOptions, session: Session):
+    """Parse methods, target and metrics, load the model and the inputs, and check the job
+    against both (:func:`cnnexplain.explain.saliency.pipeline.plan`)."""
+    from cnnexplain.explain.saliency import pipeline
+    from cnnexplain.explain.saliency.evaluation import parse_metrics
+    from cnnexplain.explain.saliency.gradients import SmoothGrad
+    from cnnexplain.explain.saliency.inputs import TargetSpec, from_dataset, from_images, from_npy
+
+    o, data = options, options.data
+    metric_names = parse_metrics(o.metrics) if o.evaluate else []
+    requested = pipeline.parse_methods(o.methods)
+    if requested and "smoothgrad" in requested:
+        SmoothGrad.base_method(o.method_options.smoothgrad_base)
+    target = TargetSpec.parse(o.target)
+    sources = data.sources()
+    from_data = not sources or sources[0] == "dataset"
+    # a backbone's head is sized by the dataset's classes (also when the inputs are files)
+    resolved = resolve(o.model, o.prep, data if from_data else None, device=session.device,
+                       seed=session.seed, open_data=False)
+    loaded = resolved.loaded
+    if data.inputs is not None:
+        images = from_npy(data.inputs, min_size=1)
+    elif data.image_items():
+        images = from_images(data.image_items(), loaded.preprocessing, session.progress)
+    else:
+        images = from_dataset(resolved.spec, data.split, loaded.preprocessing, limit=data.limit,
+                              seed=session.seed, batch_size=max(data.batch_size, 32),
+                              progress=session.progress)
+    eval_options = dataclasses.replace(o.eval_options, seed=session.seed)
+    p = pipeline.plan(loaded, images, requested, target, o.model.layer, o.method_options,
+                      data.batch_size, session.device, seed=session.seed, evaluate=o.evaluate,
+                      metrics=metric_names, eval_options=eval_options, overlays=o.overlays)
+    for note in p.notices:
+        session.notice(note)
+    return p
+
+
+def run(plan, session: Session):
+    """Maps for every method (cached), then their evaluation."""
+    from cnnexplain.explain.saliency import pipeline
+
+    outcome = pipeline.execute(plan, cache=session.cache, progress=session.progress)
+    ev = outcome.evaluation
+    if ev is not None and len(ev) and int(ev["pairs_with_truth"].iloc[0]) == 0:
+        session.notice(f"no explained class is present in its image (`target={plan.target.text}`), "
+                       "so the pointing, energy and localization metrics are undefined; use "
+                       "`target=label`")
+    return outcome
+
+
+def write(plan, outcome, session: Session) -> Output:
+    """saliency/maps.h5, evaluation.csv, sanity.csv, overlays and the grid (atomically)."""
+    import torch
+
+    from cnnexplain.explain.saliency.outputs import write_maps_h5, write_pngs
+    from cnnexplain.explain.saliency.pipeline import display_images
+    from cnnexplain.io import write_csv
+
+    layout = session.layout
+    p, o = plan, outcome
+    labels = (p.images.labels[o.image_index] if p.images.labels is not None
+              else torch.full((len(o.image_index),), -1, dtype=torch.long))
+    names = [p.images.names[int(i)] for i in o.image_index]
+    attrs = {"target": p.target.text, "source": p.images.source,
+             "model_json": p.loaded.describe(), "methods_json": p.methods,
+             "preprocessing_json": p.loaded.preprocessing.to_dict(), "layer": p.layer}
+    paths = [write_maps_h5(layout.saliency_maps, o.results, o.image_index.numpy(),
+                           o.targets.numpy(), o.rank.numpy(), labels.numpy(), names, attrs)]
+    if o.evaluation is not None:
+        write_csv(layout.saliency_evaluation, o.evaluation)
+        paths.append(layout.saliency_evaluation)
+    if o.sanity is not None:
+        write_csv(layout.saliency_sanity, o.sanity)
+        paths.append(layout.saliency_sanity)
+    if p.overlays > 0:
+        paths += write_pngs(layout.saliency, o.results, display_images(p),
+                            o.image_index.numpy(), o.targets.numpy(), p.images.names,
+                            p.loaded.class_name, p.overlays, session.progress)
+    summary = {**o.summary(), "layer": p.layer, "target": p.target.text,
+               "outputs": [str(x) for x in paths[:3]]}
+    return Output(summary=summary, paths=paths, model=p.loaded, data=p.images.describe,
+                  result=o)
