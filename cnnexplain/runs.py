@@ -24,8 +24,8 @@ from pathlib import Path
 from cnnexplain import __version__
 from cnnexplain.errors import CnnexplainError, UsageError
 from cnnexplain.io import write_json
+from cnnexplain.layout import MANIFEST
 
-MANIFEST = "run.json"
 
 
 def check_out_dir(out: Path) -> Path:

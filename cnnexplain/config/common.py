@@ -7,6 +7,12 @@ from pathlib import Path
 
 from cnnexplain.config.fields import option, triplet_problem
 
+STEM_CHOICES = ("auto", "imagenet", "small")
+STEM_HELP = ("First layers of a ResNet or VGG: imagenet (torchvision's 7x7 stride-2 conv and "
+             "max-pool) or small (3x3 stride-1 conv, no max-pool: the CIFAR convention of He et "
+             "al. 2016 for 32-64 px inputs, so that the last block keeps a 4x4 map at 32 px). "
+             "auto: small for inputs of at most 64 px. A checkpoint records its own.")
+
 COMMON = "Common options"
 MODEL = "Model"
 DATA = "Data"
@@ -53,6 +59,8 @@ class ModelOptions:
     weights: str | None = option(None, help="PATH to a torchvision state_dict, or 'imagenet' "
                                  "(torchvision's weights from the local torch hub cache). "
                                  "Default: random init.", panel=MODEL, show_default=False)
+    stem: str | None = option(None, choices=STEM_CHOICES, help=STEM_HELP, panel=MODEL,
+                              show_default=False)
     layer: str | None = option(None, help="Dotted module name, e.g. layer4, features.28, "
                                "layer4.1.conv2 (see `cnnexplain layers`). Default: the "
                                "checkpoint's gated layer, else the backbone's last conv block.",

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from cnnexplain.config.common import (DATA, MODEL, ComputeOptions, PrepOptions,
-                                      RunOptions)
+from cnnexplain.config.common import (DATA, MODEL, STEM_CHOICES, STEM_HELP, ComputeOptions,
+                                      PrepOptions, RunOptions)
 from cnnexplain.config.fields import check, group, option
 from cnnexplain.errors import UsageError
 
@@ -43,6 +43,7 @@ class TrainConfig:
     weights: str | None = option(None, help="PATH to a torchvision state_dict, or 'imagenet' "
                                  "(torchvision's weights from the local torch hub cache). "
                                  "Default: random init.", panel=MODEL, show_default=False)
+    stem: str = option("auto", choices=STEM_CHOICES, help=STEM_HELP, panel=MODEL)
     layer: str | None = option(None, help="Dotted module name of the gated layer, e.g. layer4 "
                                "(see `cnnexplain layers`). Default: the backbone's last conv "
                                "block.", panel=MODEL, show_default=False)

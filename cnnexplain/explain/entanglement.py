@@ -11,9 +11,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnexplain.metrics.entanglement import (EntanglementScore, PooledTail, entanglement_rows,
-                                             gate_statistics, pathway_accuracies, r0_score,
-                                             r1_score, tail_starts_with_gap)
+from cnnexplain.metrics.entanglement import (
+    EntanglementScore,
+    PooledTail,
+    entanglement_rows,
+    gate_statistics,
+    pathway_accuracies,
+    r0_score,
+    r1_score,
+    tail_starts_with_gap,
+)
 from cnnexplain.models.gates import class_clusters
 
 

@@ -35,7 +35,7 @@ def plan(options: DissectOptions, session: Session) -> Plan:
 
     root = options.data.root()
     resolved = resolve(options.model, options.prep, None, device=session.device,
-                       seed=session.seed, open_data=False, keep_size=True,
+                       seed=session.seed, keep_size=True,
                        several_layers=True)
     loaded, prep = resolved.loaded, resolved.preprocessing
     layers = parse_layers(options.model.layer) or [loaded.layer]

@@ -84,12 +84,11 @@ class Resolved:
 
 
 def resolve(model: ModelOptions, prep: PrepOptions, data: DataOptions | None = None, *,
-            device="cpu", seed: int = 0, open_data: bool = True,
-            keep_size: bool = False, several_layers: bool = False) -> Resolved:
+            device="cpu", seed: int = 0, keep_size: bool = False,
+            several_layers: bool = False) -> Resolved:
     """Load the model and open the data the options name (see the module docstring).
 
-    ``open_data``: open ``data``'s split (False: the job reads its own inputs, e.g. image
-    files; the dataset's class names still size a backbone's head when ``data`` names one);
+    ``data``: the split to open (None: the job reads its own inputs, e.g. image files);
     ``keep_size``: ignore a recorded resize (Broden images keep their size unless ``resize``
     is given); ``several_layers``: ``model.layer`` is a comma-separated list the job checks
     itself (``layer`` is then the default layer)."""
@@ -111,18 +110,21 @@ def resolve(model: ModelOptions, prep: PrepOptions, data: DataOptions | None = N
     prep_ = preprocessing(prep, recorded)
     dataset = None
     class_names = None
-    if model.checkpoint is None and data is not None and (open_data or getattr(data, "dataset", None)):
-        dataset = open_dataset(spec, split, prep_, limit=limit if open_data else 1, seed=seed,
-                               val_fraction=fraction)
+    if model.checkpoint is None and data is not None:
+        # a backbone's head is sized by the dataset's classes
+        dataset = open_dataset(spec, split, prep_, limit=limit, seed=seed, val_fraction=fraction)
         class_names = list(getattr(dataset, "class_names", []) or []) or None
-        if not open_data:
-            dataset = None
+    side = prep_.resize
+    if side is None and model.checkpoint is None and dataset is not None and len(dataset):
+        first = dataset[0]["image"]
+        side = min(int(first.shape[-2]), int(first.shape[-1]))
     loaded = load_model(checkpoint=ck, backbone=model.backbone,
                         num_classes=model.num_classes, weights=model.weights, device=device,
                         layer=None if several_layers else model.layer, class_names=class_names,
                         default_num_classes=len(class_names) if class_names else 10,
-                        preprocessing=prep_)
-    if dataset is None and open_data and data is not None:
+                        preprocessing=prep_, stem=getattr(model, "stem", None),
+                        input_side=side)
+    if dataset is None and data is not None:
         dataset = open_dataset(spec, split, prep_, limit=limit, seed=seed, val_fraction=fraction)
     return Resolved(loaded=loaded, preprocessing=prep_, layer=loaded.layer,
                     gate_layer=gate_layer(meta), data=dataset, spec=spec, val_fraction=fraction)

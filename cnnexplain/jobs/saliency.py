@@ -18,7 +18,7 @@ def plan(options: SaliencyOptions, session: Session):
     from cnnexplain.explain.saliency import pipeline
     from cnnexplain.explain.saliency.evaluation import parse_metrics
     from cnnexplain.explain.saliency.gradients import SmoothGrad
-    from cnnexplain.explain.saliency.inputs import TargetSpec, from_dataset, from_images, from_npy
+    from cnnexplain.explain.saliency.inputs import TargetSpec, from_images, from_npy, from_opened
 
     o, data = options, options.data
     metric_names = parse_metrics(o.metrics) if o.evaluate else []
@@ -28,18 +28,16 @@ def plan(options: SaliencyOptions, session: Session):
     target = TargetSpec.parse(o.target)
     sources = data.sources()
     from_data = not sources or sources[0] == "dataset"
-    # a backbone's head is sized by the dataset's classes (also when the inputs are files)
     resolved = resolve(o.model, o.prep, data if from_data else None, device=session.device,
-                       seed=session.seed, open_data=False)
+                       seed=session.seed)
     loaded = resolved.loaded
     if data.inputs is not None:
         images = from_npy(data.inputs, min_size=1)
     elif data.image_items():
         images = from_images(data.image_items(), loaded.preprocessing, session.progress)
     else:
-        images = from_dataset(resolved.spec, data.split, loaded.preprocessing, limit=data.limit,
-                              seed=session.seed, batch_size=max(data.batch_size, 32),
-                              progress=session.progress)
+        images = from_opened(resolved.data, data.split, loaded.preprocessing,
+                             batch_size=max(data.batch_size, 32), progress=session.progress)
     eval_options = dataclasses.replace(o.eval_options, seed=session.seed)
     p = pipeline.plan(loaded, images, requested, target, o.model.layer, o.method_options,
                       data.batch_size, session.device, seed=session.seed, evaluate=o.evaluate,

@@ -62,14 +62,16 @@ def insert_conv(model: nn.Module, spec: zoo.BackboneSpec, layer: str, n_filters:
 
 
 def build_network(backbone: str, num_classes: int, layer: str | None = None,
-                  insert: int | None = None, imagenet: bool = False) -> tuple[nn.Module, str]:
-    """A backbone with ``num_classes`` outputs and, optionally, an inserted conv at ``layer``.
+                  insert: int | None = None, imagenet: bool = False,
+                  stem: str = "imagenet") -> tuple[nn.Module, str]:
+    """A backbone with ``num_classes`` outputs and the given stem (:data:`~cnnexplain.models.
+    zoo.STEMS`) and, optionally, an inserted conv at ``layer``.
 
     Returns ``(model, target_layer)``: ``target_layer`` is ``layer`` (default: the backbone's
     last conv block); with ``insert`` its output is that of the inserted conv.
     """
     spec = zoo.get_spec(backbone)
-    model = zoo.build(backbone, num_classes=num_classes, imagenet=imagenet)
+    model = zoo.build(backbone, num_classes=num_classes, imagenet=imagenet, stem=stem)
     layer = layer or spec.default_layer
     get_module(model, layer)
     if insert:

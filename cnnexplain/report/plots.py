@@ -1,34 +1,22 @@
-"""Plots for the report (matplotlib, Agg backend): PNG bytes, saved next to index.html and
-embedded in it."""
+"""Plots for the report and the run directory (through :mod:`cnnexplain.plotting`): PNG bytes
+saved next to index.html and embedded in it, and the gate heatmap."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from cnnexplain.plotting import figure, png_bytes, save_png
+
 if TYPE_CHECKING:
     import torch
 
 
-def _fig():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _png(fig) -> bytes:
-    plt = _fig()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi=110)
 
 
 def training_curves(log: pd.DataFrame, title: str) -> bytes | None:
@@ -41,9 +29,8 @@ def training_curves(log: pd.DataFrame, title: str) -> bytes | None:
     panels = [p for p in (losses, accs, extra) if p]
     if not panels:
         return None
-    plt = _fig()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False,
-                             layout="constrained")
+    fig = figure(4.2 * len(panels), 3.4, layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)
     names = {id(losses): "loss", id(accs): "accuracy", id(extra): "gate"}
     for ax, cols in zip(axes[0], panels):
         for c in cols:
@@ -62,9 +49,9 @@ def grouped_bars(matrix: pd.DataFrame, title: str, ylabel: str) -> bytes | None:
     if matrix is None or matrix.empty:
         return None
     matrix = matrix.apply(pd.to_numeric, errors="coerce")
-    plt = _fig()
     n_rows, n_cols = matrix.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * n_rows * max(1, n_cols) * 0.5 + 2), 3.4))
+    fig = figure(max(4.0, 0.9 * n_rows * max(1, n_cols) * 0.5 + 2), 3.4)
+    ax = fig.subplots()
     width = 0.8 / max(1, n_cols)
     x = np.arange(n_rows)
     for j, col in enumerate(matrix.columns):
@@ -83,18 +70,13 @@ def save_gate_heatmap(matrix: torch.Tensor, class_names: list[str], path: str | 
                       title: str = "") -> Path:
     """Heatmap PNG of the membership ``[K, C]``, channels (rows) sorted by their argmax class
     then by decreasing membership; written atomically (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cnnexplain.io import atomic_path
     from cnnexplain.models.gates import sort_channels
 
     m = matrix.detach().float().cpu()
     order = sort_channels(m)
     k, c = m.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * c + 2.5), min(12.0, 3.0 + 0.02 * k)), dpi=100)
+    fig = figure(max(4.0, 0.5 * c + 2.5), min(12.0, 3.0 + 0.02 * k), dpi=100)
+    ax = fig.subplots()
     im = ax.imshow(m[order].numpy(), aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0,
                    interpolation="nearest")
     ax.set_xticks(range(c))
@@ -105,7 +87,4 @@ def save_gate_heatmap(matrix: torch.Tensor, class_names: list[str], path: str | 
     ax.set_title(title or "gate membership")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)

@@ -16,12 +16,12 @@ def cache_gate(cache, result, config, class_names: list[str]) -> dict:
     """Store the gate of a finished run (:class:`~cnnexplain.training.loop.TrainResult`) in
     ``cache``; returns ``{"cache_key", "channels_per_class"}`` for the run's summary."""
     from cnnexplain.models.gates import class_clusters
-    from cnnexplain.models.loading import model_fingerprint
+    from cnnexplain.models.loading import architecture, model_fingerprint
 
     tensors = result.gate.state_tensors()
     matrix = result.gate.matrix().detach().float().cpu()
-    fp = model_fingerprint(result.model, tensors, {"backbone": config.backbone,
-                                                   "insert_conv": config.insert_conv})
+    fp = model_fingerprint(result.model, tensors,
+                           architecture(config.backbone, config.insert_conv, config.stem))
     parts = gate_cache_parts(fp, result.layer, config.method, config.to_dict())
     key = cache.key("gate", **parts)
     name = "W" if "W" in tensors else "P"

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.errors import CnnexplainError, UsageError
+from cnnexplain.layout import RunLayout
 from cnnexplain.models import zoo
 from cnnexplain.models.checkpoint import (Checkpoint, load_checkpoint, save_checkpoint)
 from cnnexplain.models.gates import (Gate, GateNoise, GatedNetwork, apply_mask, class_clusters,
@@ -70,9 +71,6 @@ from cnnexplain.training.distributed import sync_batchnorm_
 from cnnexplain.training.state import (EpochBatches, derive_seed, generator, rng_state,
                                        set_rng_state)
 
-CHECKPOINT = "checkpoint.pt"
-BEST = "best.pt"
-LOG = "train_log.csv"
 
 LOG_COLUMNS = ["epoch", "loss", "loss_main", "loss_gated", "loss_reg", "loss_neg", "train_acc1",
                "train_gated_acc", "pseudo_match", "gated_follows_mask", "val_acc1", "val_acc2",
@@ -97,21 +95,39 @@ class's cluster / without the true class's cluster (deterministic clusters, thre
 # ---------------------------------------------------------------------------------------------
 
 def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, str]:
-    """The backbone with ``num_classes`` outputs, optional weights and inserted conv."""
+    """The backbone with ``num_classes`` outputs, its stem (``config.stem``, resolved), optional
+    weights and inserted conv."""
     spec = zoo.get_spec(config.backbone)
     layer = config.layer or spec.default_layer
     w = config.weights
     if w is None:
-        model = zoo.build(config.backbone, num_classes=num_classes)
+        model = zoo.build(config.backbone, num_classes=num_classes, stem=config.stem)
     elif w == "imagenet":
-        model = zoo.build(config.backbone, num_classes=num_classes, imagenet=True)
+        model = zoo.build(config.backbone, num_classes=num_classes, imagenet=True,
+                          stem=config.stem)
     else:
-        model, _ = zoo.build_from_weights_file(config.backbone, w)
+        model, _ = zoo.build_from_weights_file(config.backbone, w, stem=config.stem)
         zoo.replace_classifier(model, spec, num_classes)
     get_module(model, layer)
     if config.insert_conv:
         insert_conv(model, spec, layer, config.insert_conv)
     return model, layer
+
+
+def resolve_stem(config: TrainConfig, train: Dataset) -> str:
+    """``config.stem`` made concrete: ``auto`` is ``small`` for images of at most
+    :data:`~cnnexplain.models.zoo.SMALL_INPUT` px on a backbone that has one (a weights file's
+    own stem wins, ImageNet weights have the imagenet stem)."""
+    spec = zoo.get_spec(config.backbone)
+    if config.weights == "imagenet":
+        return zoo.choose_stem(spec, "imagenet" if config.stem == "auto" else config.stem, None)
+    if config.weights is not None:
+        return zoo.stem_of(zoo.safe_load_state_dict(config.weights), spec, config.stem)
+    side = None
+    if config.stem == "auto" and len(train):
+        image = train[0]["image"]
+        side = min(int(image.shape[-2]), int(image.shape[-1]))
+    return zoo.choose_stem(spec, config.stem, side)
 
 
 _STEP_SUMS = ("loss", "loss_main", "loss_gated", "loss_reg", "loss_neg", "train_acc1",
@@ -235,7 +251,8 @@ class Trainer:
             raise CnnexplainError("the training split has no images", "check `dataset` and `limit`")
         info = dict(data_info or {})
         info.update({"train_images": len(train), "val_images": len(val) if val is not None else 0})
-        ckpt_path = out / CHECKPOINT
+        ckpt_path = RunLayout(out).checkpoint
+        config.stem = resolve_stem(config, train)
         state = None
         if resume:
             if not ckpt_path.is_file():
@@ -334,7 +351,7 @@ class Trainer:
     def meta(self) -> dict:
         c = self.config
         m = {"backbone": c.backbone, "num_classes": c.num_classes, "class_names": self.class_names,
-             "layer": self.layer, "insert_conv": c.insert_conv, "method": c.method,
+             "layer": self.layer, "insert_conv": c.insert_conv, "stem": c.stem, "method": c.method,
              "preprocessing": self.preprocessing.to_dict(), "training": c.to_dict(),
              "data": self.data_info}
         if self.gate is not None:
@@ -355,7 +372,7 @@ class Trainer:
 
     def _restore(self, ck: Checkpoint) -> None:
         zoo.load_state_dict_into(self.model, ck.state_dict, self.config.backbone,
-                                 f"checkpoint {self.out / CHECKPOINT}")
+                                 f"checkpoint {RunLayout(self.out).checkpoint}")
         if self.gate is not None:
             self.gate.load_state_tensors({k: v.to(self.device) for k, v in ck.gate.items()})
         ts = ck.train_state
@@ -607,7 +624,8 @@ class Trainer:
             np.random.seed(derive_seed(c.seed, "numpy") % (2 ** 32))
             random.seed(derive_seed(c.seed, "python"))
         end = c.epochs if stop_after is None else min(c.epochs, stop_after)
-        ckpt_path, best_path, log_path = self.out / CHECKPOINT, self.out / BEST, self.out / LOG
+        layout = RunLayout(self.out)
+        ckpt_path, best_path, log_path = layout.checkpoint, layout.best, layout.train_log
         with progress(total=c.epochs, description=f"train-gated {c.method}") as outer:
             outer.advance(start)
             for epoch in range(start, end):

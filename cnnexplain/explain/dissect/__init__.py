@@ -1,13 +1,27 @@
 """Network Dissection (Bau et al. 2017): unit thresholds, IoU tallies, labels and the report."""
 
-from cnnexplain.explain.dissect.labels import (DEFAULT_IOU_THRESHOLD, IOU_MODES, ConceptSpace,
-                                               UnitLabels, cluster_rows, detector_summary, iou,
-                                               label_units)
+from cnnexplain.explain.dissect.labels import (
+                                               DEFAULT_IOU_THRESHOLD,
+                                               IOU_MODES,
+                                               ConceptSpace,
+                                               UnitLabels,
+                                               cluster_rows,
+                                               detector_summary,
+                                               iou,
+                                               label_units,
+)
 from cnnexplain.explain.dissect.quantiles import RadixSketch, TopCandidates
 from cnnexplain.explain.dissect.report import write_dissection
-from cnnexplain.explain.dissect.run import (QUANTILE_MODES, DissectConfig, DissectionResult,
-                                            LayerResult, check_memory, dissect, image_loader,
-                                            plan_layers)
+from cnnexplain.explain.dissect.run import (
+                                               QUANTILE_MODES,
+                                               DissectConfig,
+                                               DissectionResult,
+                                               LayerResult,
+                                               check_memory,
+                                               dissect,
+                                               image_loader,
+                                               plan_layers,
+)
 from cnnexplain.explain.dissect.tally import Tally, accumulate_tallies
 
 __all__ = ["DEFAULT_IOU_THRESHOLD", "IOU_MODES", "QUANTILE_MODES", "ConceptSpace",

@@ -39,7 +39,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnexplain.explain.dissect.labels import activation_for, iou, tally_columns, tally_rows
+from cnnexplain.explain.dissect.labels import (
+    activation_for,
+    iou,
+    tally_columns,
+    tally_rows,
+)
 from cnnexplain.explain.dissect.tally import bilinear_matrix
 from cnnexplain.io import atomic_path, write_bytes, write_text
 
@@ -113,16 +118,14 @@ def write_strips(lr, load_image: Callable[[int], torch.Tensor], directory: Path)
 def bar_graph_png(rows: list[dict], title: str) -> bytes:
     """PNG bar graph: detector units and unique concepts per category (``summary`` rows
     without the "all" row)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cnnexplain.plotting import figure, png_bytes
 
     cats = [r["category"] for r in rows]
     det = [r["detector_units"] for r in rows]
     uniq = [r["unique_concepts"] for r in rows]
     x = np.arange(len(cats))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(cats) + 1.5), 3.2), dpi=100)
+    fig = figure(max(4.0, 1.1 * len(cats) + 1.5), 3.2, dpi=100)
+    ax = fig.subplots()
     ax.bar(x - 0.2, det, 0.4, label="detector units")
     ax.bar(x + 0.2, uniq, 0.4, label="unique concepts")
     ax.set_xticks(x)
@@ -131,10 +134,7 @@ def bar_graph_png(rows: list[dict], title: str) -> bytes:
     ax.legend(frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, tight=False)
 
 
 def _write_h5(path: Path, result) -> None:

@@ -50,9 +50,19 @@ from cnnexplain.data.base import ImageDataset, make_loader
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.errors import CnnexplainError, UsageError
 from cnnexplain.explain.dissect.labels import (
-    ConceptSpace, UnitLabels, activation_for, detector_summary,
-    iou, label_units)
-from cnnexplain.explain.dissect.quantiles import RadixSketch, TopCandidates, check_finite, top_count
+    ConceptSpace,
+    UnitLabels,
+    activation_for,
+    detector_summary,
+    iou,
+    label_units,
+)
+from cnnexplain.explain.dissect.quantiles import (
+    RadixSketch,
+    TopCandidates,
+    check_finite,
+    top_count,
+)
 from cnnexplain.explain.dissect.tally import QuadTable, Tally, accumulate_tallies
 from cnnexplain.fingerprint import digest_parts
 from cnnexplain.models.layers import get_module, record

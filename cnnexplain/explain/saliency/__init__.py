@@ -12,12 +12,21 @@ behind ``evaluate``) and :mod:`.pipeline` (the ``saliency`` command as plan / ex
 write).
 """
 
-from cnnexplain.explain.saliency.base import (METHODS, Attribution, Context, MethodOptions,
-                                              ModelInfo, SaliencyMethod, get_method)
-from cnnexplain.explain.saliency import gradients  # noqa: F401  (registers its methods)
-from cnnexplain.explain.saliency import cam  # noqa: F401
-from cnnexplain.explain.saliency import lrp  # noqa: F401
-from cnnexplain.explain.saliency import perturbation  # noqa: F401
+from cnnexplain.explain.saliency import (
+                                              cam,  # noqa: F401
+                                              gradients,  # noqa: F401  (registers its methods)
+                                              lrp,  # noqa: F401
+                                              perturbation,  # noqa: F401
+)
+from cnnexplain.explain.saliency.base import (
+                                              METHODS,
+                                              Attribution,
+                                              Context,
+                                              MethodOptions,
+                                              ModelInfo,
+                                              SaliencyMethod,
+                                              get_method,
+)
 
 __all__ = ["METHODS", "Attribution", "Context", "MethodOptions", "ModelInfo", "SaliencyMethod",
            "get_method"]

@@ -32,9 +32,16 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from cnnexplain.errors import UsageError
-from cnnexplain.explain.saliency.base import (Attribution, SaliencyMethod, last_linear_name,
-                                              logits_of, register, target_scores, upsample,
-                                              REDUCTIONS)
+from cnnexplain.explain.saliency.base import (
+    REDUCTIONS,
+    Attribution,
+    SaliencyMethod,
+    last_linear_name,
+    logits_of,
+    register,
+    target_scores,
+    upsample,
+)
 from cnnexplain.explain.saliency.gradients import GuidedBackprop
 from cnnexplain.models.layers import get_module
 

@@ -36,8 +36,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from cnnexplain.errors import UsageError, close_matches
 from cnnexplain.config.saliency import EvalOptions
+from cnnexplain.errors import UsageError, close_matches
 from cnnexplain.explain.saliency.runner import Explainer, MethodResult
 from cnnexplain.metrics import discriminativeness as D
 from cnnexplain.metrics import faithfulness as F

@@ -31,8 +31,15 @@ import torch
 
 from cnnexplain.config.saliency import IG_METHODS
 from cnnexplain.errors import UsageError, close_matches
-from cnnexplain.explain.saliency.base import (Attribution, Context, SaliencyMethod, chunks,
-                                              input_gradient, register, METHODS)
+from cnnexplain.explain.saliency.base import (
+    METHODS,
+    Attribution,
+    Context,
+    SaliencyMethod,
+    chunks,
+    input_gradient,
+    register,
+)
 from cnnexplain.explain.saliency.relu_rules import relu_rule
 
 

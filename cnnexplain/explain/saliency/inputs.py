@@ -89,6 +89,14 @@ def from_dataset(spec: str, split: str, preprocessing: Preprocessing, limit: int
     from cnnexplain.data.datasets import open_dataset
 
     ds = open_dataset(spec, split=split, preprocessing=preprocessing, limit=limit, seed=seed)
+    return from_opened(ds, split, preprocessing, batch_size, progress)
+
+
+def from_opened(ds, split: str, preprocessing: Preprocessing, batch_size: int = 32,
+                progress=None) -> ImageSet:
+    """The images of an opened dataset split ``ds`` normalized, with labels and any ground
+    truth it has."""
+    spec = getattr(ds, "spec", "dataset")
     if len(ds) == 0:
         raise UsageError(f"dataset {spec} split {split} has no images", "check `split` and `limit`")
     got = _collect(ds, batch_size, progress)

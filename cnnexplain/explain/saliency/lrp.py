@@ -64,10 +64,18 @@ from typing import Callable
 import torch
 import torchvision
 from torch import nn
-from zennit.canonizers import (AttributeCanonizer, CompositeCanonizer, MergeBatchNorm,
-                               SequentialMergeBatchNorm)
-from zennit.composites import (EpsilonAlpha2Beta1Flat, EpsilonPlusFlat,
-                               SpecialFirstLayerMapComposite, layer_map_base)
+from zennit.canonizers import (
+    AttributeCanonizer,
+    CompositeCanonizer,
+    MergeBatchNorm,
+    SequentialMergeBatchNorm,
+)
+from zennit.composites import (
+    EpsilonAlpha2Beta1Flat,
+    EpsilonPlusFlat,
+    SpecialFirstLayerMapComposite,
+    layer_map_base,
+)
 from zennit.core import Composite
 from zennit.layer import Sum
 from zennit.rules import ZBox, ZPlus
@@ -75,11 +83,17 @@ from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanoni
 from zennit.types import Convolution
 
 from cnnexplain.errors import CnnexplainError, UsageError
-from cnnexplain.explain.saliency.base import (Attribution, Context, ModelInfo, SaliencyMethod,
-                                              last_linear_name, logits_of, register)
+from cnnexplain.explain.saliency.base import (
+    Attribution,
+    Context,
+    ModelInfo,
+    SaliencyMethod,
+    last_linear_name,
+    logits_of,
+    register,
+)
 from cnnexplain.models.layers import get_module
 from cnnexplain.models.smallcnn import SmallCNN
-
 
 # --------------------------------------------------------------------------------------------
 # Canonizers zennit does not ship

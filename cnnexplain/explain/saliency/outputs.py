@@ -25,7 +25,6 @@ method, every map scaled on its own.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import numpy as np
 
 from cnnexplain import __version__
 from cnnexplain.io import atomic_path, write_bytes
+from cnnexplain.plotting import figure, png_bytes
 
 
 def write_maps_h5(path, results, image_index, targets, rank, labels, names, attrs: dict) -> Path:
@@ -76,18 +76,11 @@ def write_maps_h5(path, results, image_index, targets, rank, labels, names, attr
 
 
 def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
+    return figure(width, height)
 
 
 def _png(fig, dpi: int = 100) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    return buf.getvalue()
+    return png_bytes(fig, dpi=dpi)
 
 
 def _norm(saliency: np.ndarray):

@@ -26,8 +26,14 @@ import math
 
 import torch
 
-from cnnexplain.explain.saliency.base import (Attribution, SaliencyMethod, chunks, logits_of,
-                                              register, target_scores)
+from cnnexplain.explain.saliency.base import (
+    Attribution,
+    SaliencyMethod,
+    chunks,
+    logits_of,
+    register,
+    target_scores,
+)
 
 
 def occlusion_geometry(height: int, width: int, window: int | None, stride: int | None

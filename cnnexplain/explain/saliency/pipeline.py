@@ -12,9 +12,19 @@ import pandas as pd
 import torch
 
 from cnnexplain.errors import CnnexplainError, UsageError
-from cnnexplain.explain.saliency.base import (METHODS, Context, MethodOptions, ModelInfo,
-                                              get_method)
-from cnnexplain.explain.saliency.evaluation import (HEADLINE, EvalData, EvalOptions, evaluate)
+from cnnexplain.explain.saliency.base import (
+    METHODS,
+    Context,
+    MethodOptions,
+    ModelInfo,
+    get_method,
+)
+from cnnexplain.explain.saliency.evaluation import (
+    HEADLINE,
+    EvalData,
+    EvalOptions,
+    evaluate,
+)
 from cnnexplain.explain.saliency.inputs import ImageSet, TargetSpec, predictions
 from cnnexplain.explain.saliency.runner import Explainer, MethodResult
 from cnnexplain.models.layers import get_module

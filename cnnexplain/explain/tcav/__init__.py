@@ -1,15 +1,27 @@
 """TCAV (Kim et al. 2018) with seed 000's interventional scores I+ / I- and a significance test."""
 
 from cnnexplain.config.tcav import CAVConfig, TCAVConfig
-from cnnexplain.explain.tcav.cav import (SOLVERS, CAV, stratified_split,
-                                         subsample_size, train_cav)
-from cnnexplain.explain.tcav.concepts import (ConceptSets, broden_concept_sets,
-                                              folder_concept_sets)
+from cnnexplain.explain.tcav.cav import (
+                                         CAV,
+                                         SOLVERS,
+                                         stratified_split,
+                                         subsample_size,
+                                         train_cav,
+)
+from cnnexplain.explain.tcav.concepts import (
+                                         ConceptSets,
+                                         broden_concept_sets,
+                                         folder_concept_sets,
+)
 from cnnexplain.explain.tcav.plot import plot_tcav
-from cnnexplain.explain.tcav.run import (RUN_COLUMNS, TCAVResult, check_layers,
-                                         run_tcav)
-from cnnexplain.explain.tcav.scores import (directional_derivatives, interventional_scores,
-                                            logit_gradients, magnitude, sign_count)
+from cnnexplain.explain.tcav.run import RUN_COLUMNS, TCAVResult, check_layers, run_tcav
+from cnnexplain.explain.tcav.scores import (
+                                         directional_derivatives,
+                                         interventional_scores,
+                                         logit_gradients,
+                                         magnitude,
+                                         sign_count,
+)
 from cnnexplain.explain.tcav.stats import TABLE_COLUMNS, summarize
 
 __all__ = ["CAV", "CAVConfig", "ConceptSets", "RUN_COLUMNS", "SOLVERS", "TABLE_COLUMNS",

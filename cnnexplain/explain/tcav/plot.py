@@ -12,21 +12,15 @@ def plot_tcav(table: pd.DataFrame, path, title: str = "TCAV") -> None:
     baseline (mean of the random-vs-random runs, +- one std shaded) marked per group;
     significant bars carry '*', the others are hatched and labelled 'n.s.'. Written atomically
     as PNG (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib import pyplot as plt
-    from matplotlib.figure import Figure
-
-    from cnnexplain.io import atomic_path
+    from cnnexplain.plotting import colormap, figure, save_png
 
     classes = list(dict.fromkeys(table["class"]))
     layers = list(dict.fromkeys(table["layer"]))
     concepts = list(dict.fromkeys(table["concept"]))
-    colors = plt.get_cmap("tab10")
+    colors = colormap("tab10")
     width = 0.8 / max(len(concepts), 1)
-    fig = Figure(figsize=(max(6.5, 2.8 + 0.6 * len(layers) * (len(concepts) + 1)),
-                          0.6 + 2.9 * len(classes)), dpi=110)
+    fig = figure(max(6.5, 2.8 + 0.6 * len(layers) * (len(concepts) + 1)),
+                 0.6 + 2.9 * len(classes), dpi=110)
     axes = fig.subplots(len(classes), 1, squeeze=False)[:, 0]
     for k, (ax, klass) in enumerate(zip(axes, classes)):
         for li, layer in enumerate(layers):
@@ -67,5 +61,4 @@ def plot_tcav(table: pd.DataFrame, path, title: str = "TCAV") -> None:
     fig.suptitle(title + "\n* significant; hatched: not significant; error bars: std over runs",
                  fontsize=9)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
+    save_png(fig, path)

@@ -31,10 +31,21 @@ from cnnexplain.config.tcav import TCAVConfig
 from cnnexplain.data.base import ImageDataset, make_loader
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.errors import CnnexplainError, UsageError
-from cnnexplain.explain.tcav.cav import (CAV, CAV_FIELDS, CAV_TYPES, SOLVER_VERSION, train_cav)
-from cnnexplain.explain.tcav.scores import (class_log_probs, directional_derivatives,
-                                            interventional_scores, logit_gradients, magnitude,
-                                            sign_count)
+from cnnexplain.explain.tcav.cav import (
+    CAV,
+    CAV_FIELDS,
+    CAV_TYPES,
+    SOLVER_VERSION,
+    train_cav,
+)
+from cnnexplain.explain.tcav.scores import (
+    class_log_probs,
+    directional_derivatives,
+    interventional_scores,
+    logit_gradients,
+    magnitude,
+    sign_count,
+)
 from cnnexplain.explain.tcav.stats import summarize
 from cnnexplain.fingerprint import digest_parts
 from cnnexplain.models.layers import Split, get_module, split_at

@@ -85,8 +85,14 @@ import numpy as np
 import pandas as pd
 
 from cnnexplain.metrics.stats import (
-    TTest, bonferroni, fisher_exact_greater, probit_count_step, probit_sign_counts,
-    subsample_ttest, twice_median)
+    TTest,
+    bonferroni,
+    fisher_exact_greater,
+    probit_count_step,
+    probit_sign_counts,
+    subsample_ttest,
+    twice_median,
+)
 
 if TYPE_CHECKING:
     from cnnexplain.config.tcav import TCAVConfig
