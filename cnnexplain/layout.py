@@ -26,6 +26,7 @@ TRAIN_LOG = "train_log.csv"
 GATE_PNG = "gate.png"
 ENTANGLEMENT = "entanglement.csv"
 ENTANGLEMENT_PER_CLASS = "entanglement_per_class.csv"
+ENTANGLEMENT_ABLATION = "entanglement_ablation.csv"
 FEATURES = "features.h5"
 SALIENCY = "saliency"
 DISSECT = "dissect"
@@ -72,6 +73,11 @@ class RunLayout:
     @property
     def entanglement_per_class(self) -> Path:
         return self.root / ENTANGLEMENT_PER_CLASS
+
+    @property
+    def entanglement_ablation(self) -> Path:
+        """C x C: accuracy on each class (column) with each class's cluster removed (row)."""
+        return self.root / ENTANGLEMENT_ABLATION
 
     @property
     def features(self) -> Path:

@@ -137,7 +137,7 @@ def test_help_shows_the_declared_defaults():
                        capture_output=True, text=True, env={"COLUMNS": "250", "PATH": ""})
     text = " ".join(r.stdout.split())
     cfg = TrainConfig()
-    for field_name in ("epochs", "lr", "lambda_neg", "gate_lr", "method"):
+    for field_name in ("epochs", "lr", "lambda2", "gate_lr", "method", "preset"):
         flag = flags(TrainConfig)[field_name]
         value = getattr(cfg, field_name)
         m = re.search(re.escape(flag) + r"\s+<\w+>(?:(?!│ --).)*?\[default: ([^\]]+)\]", text.split("╭", 1)[1])

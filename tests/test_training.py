@@ -199,7 +199,7 @@ def test_leakage_diagnostics_in_the_log(tmp_path):
     gated accuracy exactly; with pseudo-labels it is a share in [0, 1] and ``pseudo_match`` says
     how often the row was the label. ``--gate-samples all`` trains with every sample counted and
     is recorded in the checkpoint's gate description."""
-    r = prepare(tmp_path, "true", method="cdcnn-r1p2", epochs=1).run()
+    r = prepare(tmp_path, "true", method="cdcnn-r1p2", epochs=1, preset="paper").run()
     row = r.log[-1]
     assert row["pseudo_match"] == 1.0
     assert row["gated_follows_mask"] == row["train_gated_acc"]
@@ -238,7 +238,7 @@ def test_wrong_mask_term_is_logged_and_trains(tmp_path):
     assert row["loss"] == pytest.approx(row["loss_main"] + row["loss_gated"]
                                         + 0.05 * row["loss_reg"] + 2.0 * row["loss_neg"], rel=1e-6)
     assert load_checkpoint(r.checkpoint).meta["training"]["lambda_neg"] == 2.0
-    off = prepare(tmp_path, "off", method="cdcnn-r1p2", epochs=1).run()
+    off = prepare(tmp_path, "off", method="cdcnn-r1p2", epochs=1, preset="paper").run()
     assert math.isnan(off.log[-1]["loss_neg"])
     with pytest.raises(UsageError, match="`lambda_neg` must be at least 0"):
         TrainConfig(lambda_neg=-1).validate()
@@ -321,3 +321,26 @@ def test_augmentation_is_a_function_of_the_global_batch_draws():
     flipped = augment_batch(x, "flip", generator(0, "augment", 1, 2))
     assert all(torch.equal(f, a) or torch.equal(f, a.flip(-1)) for f, a in zip(flipped, x))
     assert torch.equal(augment_batch(x, "none", generator(0)), x)
+
+
+def test_presets_fill_only_what_is_not_given():
+    """default: the remedies (wrong-mask term 1, cdcnn-* gated by pseudo-labels); paper: the
+    seeds' losses; an explicit value wins; std has no wrong-mask term to weigh."""
+    assert (TrainConfig(method="cdcnn-r1p2").validate().lambda_neg,
+            TrainConfig(method="cdcnn-r1p2").validate().gate_label) == (1.0, "pseudo")
+    paper = TrainConfig(method="cdcnn-r1p2", preset="paper").validate()
+    assert (paper.lambda_neg, paper.gate_label) == (0.0, "true")
+    mixed = TrainConfig(method="cdcnn-r1p2", preset="paper", lambda_neg=2.0).validate()
+    assert (mixed.lambda_neg, mixed.gate_label) == (2.0, "true")
+    assert TrainConfig(method="std").validate().lambda_neg == 0.0
+
+
+def test_paper_preset_trains_exactly_the_seeds_losses(tmp_path):
+    """``preset="paper"`` is the same run as the seeds' losses spelled out (no wrong-mask term,
+    true-label gates): identical checkpoints."""
+    a = prepare(tmp_path, "paper", method="cdcnn-r1p2", epochs=1, preset="paper").run()
+    b = prepare(tmp_path, "spelled", method="cdcnn-r1p2", epochs=1, lambda_neg=0.0,
+                gate_label="true").run()
+    (ta, _), (tb, _) = tensors(a.checkpoint), tensors(b.checkpoint)
+    assert ta.keys() == tb.keys()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)

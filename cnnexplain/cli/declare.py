@@ -70,7 +70,9 @@ def command(app: typer.Typer, name: str, options: type, handler: Callable[[Any],
     ``eager``: ``{parameter name: action(values)}`` run instead of the handler when that flag
     is given (``--list-methods``)."""
     decls = [d for d in declared(options) if d.opt.cli]
-    flagmap = {d.name: d for d in decls}
+    flagmap: dict = {d.name: d for d in decls}
+    for p in extra or []:  # eager flags (--help-methods) can be named in help texts too
+        flagmap.setdefault(p.name, _Eager(p.name, "--" + p.name.replace("_", "-")))
     params = [parameter(d, flagmap) for d in decls]
     params.sort(key=lambda p: p.kind)  # positional arguments first
     params += extra or []
@@ -80,7 +82,7 @@ def command(app: typer.Typer, name: str, options: type, handler: Callable[[Any],
         for key, action in (eager or {}).items():
             if values.get(key):
                 return action(values)
-        kwargs = {k: v for k, v in values.items() if k in flagmap}
+        kwargs = {k: v for k, v in values.items() if k in flagmap and k not in (eager or {})}
         try:
             return handler(build(options, kwargs))
         except CnnexplainError as exc:
@@ -95,6 +97,14 @@ def command(app: typer.Typer, name: str, options: type, handler: Callable[[Any],
     callback.__doc__ = help
     app.command(name, help=help)(callback)
     return callback
+
+
+class _Eager:
+    """A flag that is not an option of the job, for :func:`render`."""
+
+    def __init__(self, name: str, flag: str):
+        self.name, self.flag, self.base = name, flag, bool
+        self.opt = type("Opt", (), {"negatable": False})()
 
 
 _FIELD = re.compile(r"`([a-z][a-z0-9_]*)(?:=([^`]*))?`")

@@ -22,11 +22,21 @@ SAMPLES = ("matched", "all")
 """Which samples count in the gated loss under pseudo-labels."""
 GATED_TAILS = ("shared", "frozen")
 """Whether the gated pathway's loss trains the tail (``shared``) or not (``frozen``)."""
+SAMPLINGS = ("bernoulli", "gumbel")
+"""How picnn draws its Bernoulli masks: seed 004's reparameterization (eq. 5-6) or the
+Gumbel-softmax relaxation it compares with."""
 AUGMENTATIONS = ("none", "flip", "flip-crop")
 """Training-time augmentation: horizontal flips with probability 1/2, and (flip-crop) random
 crops of the image padded by 1/8 of its side with zeros (the usual CIFAR recipe)."""
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
+PRESETS = {
+    "default": {"lambda_neg": 1.0, "gate_label": "pseudo"},
+    "paper": {"lambda_neg": 0.0, "gate_label": "true"},
+}
+"""Loss presets: ``paper`` is the seeds' exact losses (no wrong-mask term, cdcnn-* gated by the
+true label); ``default`` adds the remedies against label leakage that make the channels
+class-specific (README, "Gated training"). Explicit ``lambda_neg`` / ``gate_label`` win."""
 MAX_LR = 1e30
 """Largest accepted learning rate (beyond it the optimizers' float32 arithmetic overflows)."""
 
@@ -53,16 +63,22 @@ class TrainConfig:
                                      example=64)
     method: str = option("picnn", choices=METHODS, help="std, cdcnn-r1p2, cdcnn-r1p1, "
                          "cdcnn-r0p1 or picnn (see `help_methods`).", panel=METHOD)
+    preset: str = option("default", choices=tuple(PRESETS), help="default: the remedies "
+                         "against label leakage (`lambda_neg` 1; cdcnn-* gated by "
+                         "pseudo-labels); paper: the seeds' exact losses (`lambda_neg` 0, "
+                         "true-label gates). Explicit `lambda_neg` / `gate_label` win.",
+                         panel=METHOD)
     lambda1: float = option(1.0, low=0, help="cdcnn-*: weight λ1 of the gated cross-entropy "
                             "CE(y, ŷ_W).", panel=METHOD)
     lambda2: float = option(0.05, low=0, help="cdcnn-r1p2 / r1p1: weight λ2 of the sparsity "
                             "term ||W||_(1,2).", panel=METHOD)
     lam: float = option(2.0, low=0, name="lambda", help="picnn: weight λ of L_int (Guo et al. 2024: "
                         "2).", panel=METHOD)
-    lambda_neg: float = option(0.0, low=0, help="Weight of the wrong-mask term (not in the "
-                               "seeds; 0 = off, the seeds' loss): the tail also runs on the maps "
-                               "masked by another class's row and is pulled towards no answer "
-                               "(see `help_methods`).", panel=METHOD, example=1)
+    lambda_neg: float | None = option(None, low=0, help="Weight of the wrong-mask term (not in "
+                                      "the seeds): the tail also runs on the maps masked by "
+                                      "another class's row and is pulled towards no answer "
+                                      "(see `help_methods`). Default: the preset's (1; paper: "
+                                      "0).", panel=METHOD, example=1, show_default=False)
     delta_start: float = option(1.0, low=0, low_open=True, help="cdcnn-r1p1 / r0p1: initial "
                                 "temperature δ.", panel=METHOD)
     delta_end: float = option(0.05, low=0, low_open=True, help="cdcnn-r1p1 / r0p1: final δ "
@@ -71,13 +87,22 @@ class TrainConfig:
                             "gate's own Adam optimizer (W, Ω or P's logits).", panel=METHOD)
     gate_temperature: float = option(1.0, low=0, low_open=True, help="picnn: temperature T of "
                                      "P = softmax(Θ/T) over classes.", panel=METHOD)
+    gate_sampling: str = option("bernoulli", choices=SAMPLINGS, help="picnn: Bernoulli masks "
+                                "by Guo et al. 2024's reparameterization (bernoulli) or by the "
+                                "Gumbel-softmax relaxation (gumbel; Jang et al. 2017).",
+                                panel=METHOD)
+    gumbel_temperature: float = option(0.5, low=0, low_open=True, help="picnn with "
+                                       "`gate_sampling` gumbel: temperature of the relaxation.",
+                                       panel=METHOD)
     gate_threshold: float = option(0.5, low=0, high=1, low_open=True, high_open=True,
                                    help="Membership above which a channel is in a class's "
                                    "cluster (recorded in the checkpoint; used for validation "
                                    "ACC2/ACC3).", panel=METHOD)
-    gate_label: str = option("true", choices=LABEL_SOURCES, help="cdcnn-*: gate by the true "
-                             "label (Liang, CDCNN) or by a pseudo-label drawn from the prediction "
-                             "(Guo et al. 2024's remedy against label leakage).", panel=METHOD)
+    gate_label: str | None = option(None, choices=LABEL_SOURCES, help="cdcnn-*: gate by the "
+                                    "true label (Liang, CDCNN) or by a pseudo-label drawn from "
+                                    "the prediction (Guo et al. 2024's remedy against label "
+                                    "leakage). Default: the preset's (pseudo; paper: true).",
+                                    panel=METHOD, show_default=False)
     gate_samples: str = option("matched", choices=SAMPLES, help="With pseudo-labels: which "
                                "samples count in the gated loss: matched (pseudo-label == label, "
                                "the reference code) or all (Guo et al. 2024's L_int).", panel=METHOD)
@@ -127,6 +152,10 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Usage errors for impossible values (before anything is built or written)."""
         check(self)
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:  # std has no gate: no wrong-mask term to weigh
+                setattr(self, name, 0.0 if name == "lambda_neg" and self.method == "std"
+                        else value)
         if not (0 <= self.gate_warmup < self.epochs or self.method == "std"):
             raise UsageError(f"`gate_warmup` {self.gate_warmup} must be less than `epochs` "
                              f"{self.epochs}", "lower `gate_warmup` or raise `epochs`")
@@ -135,7 +164,8 @@ class TrainConfig:
     def gate_hparams(self) -> dict:
         return {"delta_start": self.delta_start, "delta_end": self.delta_end,
                 "temperature": self.gate_temperature, "threshold": self.gate_threshold,
-                "label_source": self.gate_label, "samples": self.gate_samples}
+                "label_source": self.gate_label, "samples": self.gate_samples,
+                "sampling": self.gate_sampling, "gumbel_temperature": self.gumbel_temperature}
 
 
 @dataclass

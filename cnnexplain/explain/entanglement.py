@@ -11,17 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnexplain.metrics.entanglement import (
-    EntanglementScore,
-    PooledTail,
-    entanglement_rows,
-    gate_statistics,
-    pathway_accuracies,
-    r0_score,
-    r1_score,
-    tail_starts_with_gap,
-)
+from cnnexplain.metrics.entanglement import (EntanglementScore, PooledTail, ablation_matrix,
+                                             entanglement_rows, gate_statistics,
+                                             pathway_accuracies, r0_score, r1_score,
+                                             random_p_accuracies, tail_starts_with_gap)
 from cnnexplain.models.gates import class_clusters
+
+RANDOM_P = 5
+"""Random P drawn for seed 004's STD baseline (ACC2 / ACC3 of a model without a learned gate)."""
 
 
 @dataclass
@@ -41,6 +38,9 @@ class EntanglementReport:
     threshold: float
     mi: torch.Tensor
     scores: dict
+    ablation: torch.Tensor | None = None
+    """``[C, C]``: accuracy on class k's images with class c's cluster removed (row c, column k)."""
+    class_names: list[str] | None = None
 
     def value(self, metric: str) -> float | None:
         for r in self.rows:
@@ -65,7 +65,7 @@ def _cached_score(cache, name: str, parts: dict, compute: Callable[[], Entanglem
                   "per_class_n": np.array([r["n"] for r in s.per_class], dtype=np.int64)}
         attrs = {"description": f"seed 000 {name} solution W (network frozen)", "score": s.score,
                  "ce": s.ce, "acc": s.acc, "density": s.density, "hparams": s.hparams,
-                 "name": name}
+                 "name": name, "convergence": s.convergence}
         return arrays, attrs
 
     entry, _hit = cache.get_or_compute("gate", parts, make)
@@ -78,6 +78,7 @@ def _cached_score(cache, name: str, parts: dict, compute: Callable[[], Entanglem
                   "channels": int((W[:, c] > 0.5).sum())} for c in range(classes)]
     return EntanglementScore(name=name, score=float(a["score"]), ce=float(a["ce"]),
                              acc=float(a["acc"]), density=float(a["density"]), W=W,
+                             convergence=float(a.get("convergence", float("nan"))),
                              per_class=per_class, hparams=dict(a.get("hparams") or {}))
 
 
@@ -201,15 +202,25 @@ def _evaluate(loaded, dataset, *, layer, pool, draws, threshold, scores, score_s
         raise CnnexplainError(f"the gate matrix has shape {list(matrix.shape)} but layer {layer!r} "
                               f"has {feats.shape[1]} channels and the model {classes} classes",
                               "evaluate at the layer the gate was trained on")
+    bs = max(batch_size, 256)
+    clusters = class_clusters(matrix, t)
     with torch.no_grad():
         acc = pathway_accuracies(tail, feats, labels, matrix, threshold=t, draws=draws,
-                                 seed=seed, batch_size=max(batch_size, 256))
+                                 seed=seed, batch_size=bs)
+        baseline = None if learned is not None else random_p_accuracies(
+            tail, feats, labels, classes, n_p=RANDOM_P, draws=draws, seed=seed, batch_size=bs)
+        r0_acc = pathway_accuracies(tail, feats, labels, results["R0"].W, threshold=0.5,
+                                    draws=0, seed=seed, batch_size=bs) if "R0" in results else None
+        ablation = ablation_matrix(tail, feats, labels, clusters, batch_size=bs)
     mi = mutual_information(pooled, labels_np, classes, device=dev)
-    clusters = class_clusters(matrix, t)
     rows, per_class = entanglement_rows(acc, mi, gate_statistics(matrix, t), results, labels_np,
                                         threshold=t, pool=pool, mu=mu, source=source,
-                                        clusters=clusters, names=names, report_r0=scores)
+                                        clusters=clusters, names=names, report_r0=scores,
+                                        learned=learned is not None, baseline=baseline,
+                                        r0_acc=r0_acc, ablation=ablation)
     return EntanglementReport(rows=rows, per_class=per_class, features=np.asarray(pooled),
                               labels=labels_np, matrix=matrix.detach().cpu(), gate_source=source,
                               layer=layer, pool=pool, threshold=t, mi=mi,
-                              scores={k: v for k, v in results.items() if scores})
+                              scores={k: v for k, v in results.items() if scores},
+                              ablation=ablation, class_names=[names[c] if c < len(names) else
+                                                              str(c) for c in range(classes)])

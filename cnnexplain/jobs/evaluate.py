@@ -95,10 +95,17 @@ def write(plan: Plan, report, session: Session) -> Output:
     frame["n"] = frame["n"].astype("Int64")
     write_csv(paths[0], frame)
     write_csv(paths[1], pd.DataFrame(report.per_class))
+    if report.ablation is not None:
+        names = report.class_names or [str(c) for c in range(report.ablation.shape[0])]
+        frame = pd.DataFrame(report.ablation.numpy(), columns=names)
+        frame.insert(0, "removed_cluster", names)
+        write_csv(layout.entanglement_ablation, frame)
+        paths.append(layout.entanglement_ablation)
     if plan.options.metrics.save_features:
         paths.append(write_features(layout.features, report, loaded, data))
-    headline = {k: report.value(k) for k in ("ACC1", "ACC2", "ACC3", "ACC2_det", "ACC3_det", "MIS",
-                                              "R0", "R1", "gate_density", "gate_peakedness")
+    headline = {k: report.value(k) for k in ("ACC1", "ACC2", "ACC3", "ACC2_det", "ACC3_det",
+                                              "ACC2_R0", "ACC3_R0", "specificity", "MIS", "R0",
+                                              "R1", "gate_density", "gate_peakedness")
                 if report.value(k) is not None}
     violated = []  # (what, the option's field and value)
     for name, bound, text in plan.under:

@@ -195,6 +195,83 @@ def pathway_accuracies(tail: Tail, features: torch.Tensor, labels: torch.Tensor,
         acc3_det=float(ok3_det.float().mean()), draws=len(ok2_draws), n=n, per_class=per_class)
 
 
+def random_p(channels: int, classes: int, generator: torch.Generator,
+             init_scale: float = 0.01, temperature: float = 1.0) -> torch.Tensor:
+    """A randomly initialized PICNN membership ``[K, C]``: ``P = softmax(Theta / T)`` over
+    classes with ``Theta ~ init_scale * N(0, 1)`` (seed 004's initialization, so every filter is
+    near 1/C for every class). Seed 004 evaluates its STD baseline with such a P and its
+    Bernoulli sampling."""
+    theta = torch.randn(classes, channels, generator=generator) * float(init_scale)
+    return torch.softmax(theta / float(temperature), dim=0).t().contiguous()
+
+
+@dataclass
+class BaselineAccuracies:
+    """Seed 004's ACC2 / ACC3 of a model without a learned gate: the mean over ``n_p`` random
+    P (:func:`random_p`) of each P's stochastic accuracies, and the standard deviation over
+    the P draws."""
+
+    acc2: float
+    acc2_std: float
+    acc3: float
+    acc3_std: float
+    n_p: int
+    draws: int
+
+
+def random_p_accuracies(tail: Tail, features: torch.Tensor, labels: torch.Tensor, classes: int,
+                        n_p: int = 5, draws: int = 10, seed: int = 0, batch_size: int = 1024
+                        ) -> BaselineAccuracies:
+    """ACC2 / ACC3 (seed 004) with ``n_p`` random P and ``draws`` Bernoulli draws each."""
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    a2, a3 = [], []
+    for j in range(max(int(n_p), 1)):
+        m = random_p(features.shape[1], classes, g)
+        acc = pathway_accuracies(tail, features, labels, m, draws=max(int(draws), 1),
+                                 seed=int(seed) + 1000 * (j + 1), batch_size=batch_size)
+        a2.append(acc.acc2)
+        a3.append(acc.acc3)
+    t2, t3 = torch.tensor(a2), torch.tensor(a3)
+
+    def sd(v: torch.Tensor) -> float:
+        return float(v.std(unbiased=True)) if v.numel() > 1 else 0.0
+
+    return BaselineAccuracies(acc2=float(t2.mean()), acc2_std=sd(t2), acc3=float(t3.mean()),
+                              acc3_std=sd(t3), n_p=len(a2), draws=max(int(draws), 1))
+
+
+def ablation_matrix(tail: Tail, features: torch.Tensor, labels: torch.Tensor,
+                    clusters: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The causal test of class specificity: ``A[c, k]`` = accuracy on the images of class
+    ``k`` with class ``c``'s cluster removed (``clusters`` bool ``[C, K]``), ``[C, C]``; NaN
+    for a class without images. The diagonal is each class's own drop, the rest collateral."""
+    labels = labels.to(features.device).long()
+    c = int(clusters.shape[0])
+    out = torch.full((c, c), float("nan"))
+    for cls in range(c):
+        keep = (~clusters[cls].to(features.device)).float()[None].expand(features.shape[0], -1)
+        ok = logits_of(tail, features, batch_size, keep).argmax(1) == labels
+        for k in range(c):
+            sel = labels == k
+            if sel.any():
+                out[cls, k] = float(ok[sel].float().mean())
+    return out
+
+
+def specificity(ablation: torch.Tensor, acc1: torch.Tensor) -> dict:
+    """One number from the ablation matrix: the mean drop of a class's accuracy when its own
+    cluster is removed minus the mean drop of the other classes' accuracies, divided by the
+    mean full-pathway accuracy (``acc1``: per class ``[C]``). 1: removing a cluster removes
+    exactly its class; 0: a cluster is no more about its class than about the others."""
+    drop = acc1[None, :] - ablation                       # [C (removed), C (evaluated)]
+    c = drop.shape[0]
+    eye = torch.eye(c, dtype=torch.bool)
+    own = float(torch.nanmean(drop[eye]))
+    other = float(torch.nanmean(drop[~eye])) if c > 1 else 0.0
+    scale = max(float(torch.nanmean(acc1)), 1e-12)
+    return {"specificity": (own - other) / scale, "own_drop": own, "collateral_drop": other}
+
+
 # ---------------------------------------------------------------------------------------------
 # R0 / R1
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +290,9 @@ class EntanglementScore:
     W: torch.Tensor
     per_class: list[dict]
     hparams: dict
+    convergence: float = float("nan")
+    """:func:`convergence` of the fit (the scores are upper bounds of the seed's minimum: a
+    relaxation fitted by ``steps`` Adam steps, then made hard)."""
 
 
 def gated_cross_entropy(tail: Tail, features: torch.Tensor, labels: torch.Tensor,
@@ -227,9 +307,10 @@ def gated_cross_entropy(tail: Tail, features: torch.Tensor, labels: torch.Tensor
 
 def _fit(gate: nn.Module, tail: Tail, features: torch.Tensor, labels: torch.Tensor,
          steps: int, lr: float, batch_size: int, seed: int, penalty: Callable[[], torch.Tensor],
-         progress=None) -> None:
+         progress=None) -> list[float]:
     """Minimize CE(y, ŷ_W) + penalty over the gate's Ω by Adam on random minibatches; the
-    network stays frozen; δ annealed over the steps; Ω rows rescaled after each step."""
+    network stays frozen; δ annealed over the steps; Ω rows rescaled after each step. Returns
+    the minibatch objective of every step."""
     dev = features.device
     labels = labels.to(dev).long()
     n = features.shape[0]
@@ -239,6 +320,7 @@ def _fit(gate: nn.Module, tail: Tail, features: torch.Tensor, labels: torch.Tens
     b = min(batch_size, n)
     bar = progress(total=steps, description=f"fit {type(gate).__name__}") if progress \
         else contextlib.nullcontext(None)
+    losses = []
     with bar as task, _frozen(tail):
         for step in range(steps):
             gate.anneal(step / max(steps - 1, 1))
@@ -250,8 +332,20 @@ def _fit(gate: nn.Module, tail: Tail, features: torch.Tensor, labels: torch.Tens
             loss.backward()
             opt.step()
             gate.project_()
+            losses.append(float(loss.detach()))
             if task is not None:
                 task.advance(1)
+    return losses
+
+
+def convergence(losses: list[float]) -> float:
+    """Relative change of the fit's objective between the last two tenths of its steps
+    (``|mean(last) - mean(previous)| / mean(previous)``): small when the fit has settled."""
+    if len(losses) < 20:
+        return float("nan")
+    w = len(losses) // 10
+    last, prev = sum(losses[-w:]) / w, sum(losses[-2 * w:-w]) / w
+    return abs(last - prev) / max(abs(prev), 1e-12)
 
 
 def _score(name: str, tail: Tail, features: torch.Tensor, labels: torch.Tensor, W: torch.Tensor,
@@ -293,13 +387,15 @@ def r0_score(tail: Tail, features: torch.Tensor, labels: torch.Tensor, classes: 
     torch.manual_seed(seed)
     gate = R0P1Gate(features.shape[1], classes, delta_start=delta_start,
                     delta_end=delta_end).to(features.device)
-    _fit(gate, tail, features, labels, steps, lr, batch_size, seed,
-         lambda: features.new_zeros(()), progress)
+    losses = _fit(gate, tail, features, labels, steps, lr, batch_size, seed,
+                  lambda: features.new_zeros(()), progress)
     with torch.no_grad():
         hard = F.one_hot(gate.Omega.argmax(1), classes).float()
     hp = {"steps": steps, "lr": lr, "delta_start": delta_start, "delta_end": delta_end,
           "batch_size": batch_size, "seed": seed}
-    return _score("R0", tail, features, labels, hard, 0.0, hp, batch_size)
+    score = _score("R0", tail, features, labels, hard, 0.0, hp, batch_size)
+    score.convergence = convergence(losses)
+    return score
 
 
 def r1_score(tail: Tail, features: torch.Tensor, labels: torch.Tensor, classes: int, *,
@@ -311,8 +407,8 @@ def r1_score(tail: Tail, features: torch.Tensor, labels: torch.Tensor, classes: 
     torch.manual_seed(seed)
     gate = R1P1Gate(features.shape[1], classes, delta_start=delta_start,
                     delta_end=delta_end).to(features.device)
-    _fit(gate, tail, features, labels, steps, lr, batch_size, seed,
-         lambda: mu * gate.matrix().mean(), progress)
+    losses = _fit(gate, tail, features, labels, steps, lr, batch_size, seed,
+                  lambda: mu * gate.matrix().mean(), progress)
     with torch.no_grad():
         hard = (gate.Omega > 0).float()
         top = gate.Omega.argmax(1)
@@ -320,7 +416,9 @@ def r1_score(tail: Tail, features: torch.Tensor, labels: torch.Tensor, classes: 
     hp = {"mu": mu, "steps": steps, "lr": lr, "delta_start": delta_start, "delta_end": delta_end,
           "batch_size": batch_size, "seed": seed}
     density = float(hard.mean())
-    return _score("R1", tail, features, labels, hard, mu * density, hp, batch_size)
+    score = _score("R1", tail, features, labels, hard, mu * density, hp, batch_size)
+    score.convergence = convergence(losses)
+    return score
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,12 +453,23 @@ def gate_statistics(matrix: torch.Tensor, threshold: float = 0.5) -> dict:
 
 METRIC_NOTES = {
     "ACC1": "accuracy of the full pathway",
-    "ACC2": "only the predicted class's cluster; seed 004: pseudo-label and Bernoulli mask drawn "
-            "once per image, mean (std) over `draws` draws",
-    "ACC3": "all channels but the true class's cluster; Bernoulli draws as ACC2 (lower = more "
-            "class-specific)",
-    "ACC2_det": "ACC2 with argmax prediction and the thresholded cluster",
-    "ACC3_det": "ACC3 with the thresholded cluster",
+    "ACC2": "seed 004's ACC2: only the predicted class's cluster, pseudo-label and Bernoulli mask "
+            "drawn once per image, mean (std) over `draws` draws; a model without a learned gate "
+            "is measured with random P as seed 004's STD baseline (mean (std) over the P draws)",
+    "ACC3": "seed 004's ACC3: all channels but a Bernoulli draw of the true class's cluster, as "
+            "ACC2 (lower = more class-specific); random P for a model without a learned gate",
+    "ACC2_det": "ACC2 with argmax prediction and the whole thresholded learned cluster",
+    "ACC3_det": "ACC3 with the whole thresholded learned cluster removed: the accuracy that "
+                "answers 'does removing the class's cluster remove the class'",
+    "ACC2_R0": "ACC2 with the clusters of R0's one-hot W (fitted post hoc on the frozen model; "
+               "the same for every model)",
+    "ACC3_R0": "ACC3 with R0's clusters removed (post hoc, for every model)",
+    "specificity": "causal test: mean drop of a class's accuracy when its own cluster is removed "
+                   "minus the mean drop of the other classes', over mean ACC1 (1: a cluster "
+                   "carries exactly its class; 0: no more its class than others'); the C x C "
+                   "matrix is entanglement_ablation.csv",
+    "own_drop": "mean accuracy drop of a class when its own cluster is removed",
+    "collateral_drop": "mean accuracy drop of the other classes when a cluster is removed",
     "MIS": "mean over channels of the max over classes of the k-NN (k=3) mutual information "
            "between the pooled activation and the one-vs-rest class (nats)",
     "MIS_margin": "mean over channels of the gap between the largest and the second-largest class "
@@ -368,13 +477,17 @@ METRIC_NOTES = {
                   "shared by two (a diagnostic beside MIS, not in the seeds)",
     "MIS_ceiling": "largest possible MIS: max over classes of the entropy of the one-vs-rest "
                    "indicator (H(Bernoulli(1/C)) for balanced classes)",
-    "R0": "seed 000: min CE of the gated pathway with one-hot W (network frozen; lower = more "
+    "R0": "seed 000's R0, an upper bound of its minimum: CE of the gated pathway with the one-hot "
+          "W that `score_steps` Adam steps of a relaxation found (network frozen; lower = more "
           "disentangled)",
     "R0_acc": "gated accuracy with R0's one-hot W",
-    "R1": "seed 000: min CE + mu * ||W||_0 / (K C) with binary W, row max 1",
+    "R0_convergence": "relative change of R0's fit objective over its last tenth of steps",
+    "R1": "seed 000's R1, an upper bound of its minimum: CE + mu * ||W||_0 / (K C) with the "
+          "binary W (row max 1) the relaxation found",
     "R1_ce": "CE part of R1",
     "R1_acc": "gated accuracy with R1's W",
     "R1_density": "||W||_0 / (K C) of R1's W",
+    "R1_convergence": "relative change of R1's fit objective over its last tenth of steps",
     "gate_density": "share of channel-class pairs in a cluster (membership > threshold)",
     "gate_l1_density": "mean membership ||W||_1 / (K C)",
     "gate_peakedness": "mean over channels of the largest class share of the row (1/C uniform, 1 one-hot)",
@@ -386,7 +499,8 @@ METRIC_NOTES = {
 """Every metric evaluate-entanglement reports (names for the `fail_under` / `fail_over` bounds)."""
 
 METRICS: tuple[str, ...] = tuple(METRIC_NOTES)
-SCORE_METRICS = ("R0", "R0_acc", "R1", "R1_ce", "R1_acc", "R1_density")
+SCORE_METRICS = ("R0", "R0_acc", "R0_convergence", "R1", "R1_ce", "R1_acc", "R1_density",
+                 "R1_convergence", "ACC2_R0", "ACC3_R0")
 
 
 def _row(metric: str, value: float, std: float | None, n: int | None, note: str = "") -> dict:
@@ -415,12 +529,17 @@ def _binary_entropy(p: float) -> float:
 def entanglement_rows(acc: PathwayAccuracies, mi: torch.Tensor, stats: dict, scores: dict,
                       labels: "np.ndarray", *, threshold: float, pool: str, mu: float,
                       source: str, clusters: torch.Tensor, names: list[str],
-                      report_r0: bool) -> tuple[list[dict], list[dict]]:
+                      report_r0: bool, learned: bool = True,
+                      baseline: BaselineAccuracies | None = None,
+                      r0_acc: PathwayAccuracies | None = None,
+                      ablation: torch.Tensor | None = None) -> tuple[list[dict], list[dict]]:
     """The rows of entanglement.csv and entanglement_per_class.csv from computed metrics:
-    ``acc`` (:func:`pathway_accuracies`), ``mi`` ``[C, K]`` (:func:`~cnnexplain.metrics.mis.
-    mutual_information`), ``stats`` (:func:`gate_statistics`), ``scores`` (name ->
-    :class:`EntanglementScore`), ``labels`` ``[N]``, the ``clusters`` ``[C, K]`` the accuracies
-    used. ``report_r0``: R0 was asked for (it may have been computed only for the clusters)."""
+    ``acc`` (:func:`pathway_accuracies` on the model's clusters: its learned gate, else R0's),
+    ``mi`` ``[C, K]``, ``stats`` (:func:`gate_statistics`), ``scores`` (name ->
+    :class:`EntanglementScore`), ``labels`` ``[N]``, the ``clusters`` ``[C, K]`` ``acc`` used;
+    ``learned``: the clusters are a learned gate's; ``baseline``: seed 004's random-P ACC2 /
+    ACC3 for a model without one; ``r0_acc``: the accuracies with R0's clusters; ``ablation``:
+    :func:`ablation_matrix` on ``clusters``. ``report_r0``: R0 / R1 were asked for."""
     import numpy as np
 
     from cnnexplain.metrics.mis import mis_from_mi
@@ -430,23 +549,43 @@ def entanglement_rows(acc: PathwayAccuracies, mi: torch.Tensor, stats: dict, sco
     counts = np.bincount(labels, minlength=classes) / labels.size
     ceiling = max((_binary_entropy(float(p)) for p in counts), default=0.0)
     n = int(labels.size)
-    rows = [
-        _row("ACC1", acc.acc1, None, n),
-        _row("ACC2", acc.acc2, acc.acc2_std, n, f"{acc.draws} draws"),
-        _row("ACC3", acc.acc3, acc.acc3_std, n, f"{acc.draws} draws"),
-        _row("ACC2_det", acc.acc2_det, None, n, f"threshold {t}"),
-        _row("ACC3_det", acc.acc3_det, None, n, f"threshold {t}"),
+    rows = [_row("ACC1", acc.acc1, None, n)]
+    if learned or baseline is None:
+        rows += [_row("ACC2", acc.acc2, acc.acc2_std, n, f"{source}, {acc.draws} draws"),
+                 _row("ACC3", acc.acc3, acc.acc3_std, n, f"{source}, {acc.draws} draws")]
+    else:
+        what = f"random P (seed 004's STD baseline), {baseline.n_p} P x {baseline.draws} draws"
+        rows += [_row("ACC2", baseline.acc2, baseline.acc2_std, n, what),
+                 _row("ACC3", baseline.acc3, baseline.acc3_std, n, what)]
+    if learned:
+        rows += [_row("ACC2_det", acc.acc2_det, None, n, f"threshold {t}"),
+                 _row("ACC3_det", acc.acc3_det, None, n, f"threshold {t}")]
+    if r0_acc is not None and report_r0:
+        rows += [_row("ACC2_R0", r0_acc.acc2_det, None, n, "R0's one-hot clusters"),
+                 _row("ACC3_R0", r0_acc.acc3_det, None, n, "R0's one-hot clusters")]
+    if ablation is not None:
+        per_acc1 = torch.tensor([acc.per_class[c].get("acc1", float("nan"))
+                                 for c in range(classes)])
+        sp = specificity(ablation, per_acc1)
+        rows += [_row("specificity", sp["specificity"], None, n, source),
+                 _row("own_drop", sp["own_drop"], None, n, source),
+                 _row("collateral_drop", sp["collateral_drop"], None, n, source)]
+    rows += [
         _row("MIS", mis_from_mi(mi), None, n, f"pool {pool}, k=3, nats"),
         _row("MIS_margin", _margin(mi), None, n, f"pool {pool}"),
         _row("MIS_ceiling", ceiling, None, n, "max over classes of H(class share)"),
     ]
     if "R0" in scores and report_r0:
         r0 = scores["R0"]
-        rows += [_row("R0", r0.score, None, n), _row("R0_acc", r0.acc, None, n)]
+        rows += [_row("R0", r0.score, None, n), _row("R0_acc", r0.acc, None, n),
+                 _row("R0_convergence", r0.convergence, None, None,
+                      f"{r0.hparams.get('steps')} steps")]
     if "R1" in scores:
         r1 = scores["R1"]
         rows += [_row("R1", r1.score, None, n, f"mu {mu}"), _row("R1_ce", r1.ce, None, n),
-                 _row("R1_acc", r1.acc, None, n), _row("R1_density", r1.density, None, n)]
+                 _row("R1_acc", r1.acc, None, n), _row("R1_density", r1.density, None, n),
+                 _row("R1_convergence", r1.convergence, None, None,
+                      f"{r1.hparams.get('steps')} steps")]
     rows += [
         _row("gate_density", stats["density"], None, None, source),
         _row("gate_l1_density", stats["l1_density"], None, None, source),
@@ -466,14 +605,15 @@ def entanglement_rows(acc: PathwayAccuracies, mi: torch.Tensor, stats: dict, sco
                "acc1": pc.get("acc1"), "acc2": pc.get("acc2"), "acc2_std": pc.get("acc2_std"),
                "acc3": pc.get("acc3"), "acc3_std": pc.get("acc3_std"),
                "acc2_det": pc.get("acc2_det"), "acc3_det": pc.get("acc3_det"),
+               "own_cluster_removed": float(ablation[c, c]) if ablation is not None else None,
                "cluster_channels": int(cluster.sum()),
                "mi_max": float(mi[c].max()),
                "mi_cluster_mean": float(mi[c][cluster].mean()) if cluster.any() else float("nan"),
                "mi_mean": float(mi[c].mean())}
-        for name, s in scores.items():
+        for name, s_ in scores.items():
             if name == "R0" and not report_r0:
                 continue
-            row[f"{name.lower()}_ce"] = s.per_class[c]["ce"]
-            row[f"{name.lower()}_acc"] = s.per_class[c]["acc"]
+            row[f"{name.lower()}_ce"] = s_.per_class[c]["ce"]
+            row[f"{name.lower()}_acc"] = s_.per_class[c]["acc"]
         per_class.append(row)
     return rows, per_class

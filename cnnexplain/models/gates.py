@@ -88,6 +88,19 @@ def bernoulli_st(p: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     return p + (hard - p).detach()
 
 
+def gumbel_st(p: torch.Tensor, eps: torch.Tensor, tau: float) -> torch.Tensor:
+    """``z ~ Ber(p)`` by the Gumbel-softmax (binary Concrete) relaxation with a straight-through
+    hard sample (Jang et al. 2017; Maddison et al. 2017), the alternative seed 004 compares its
+    reparameterization with: logistic noise ``L = log(eps) - log(1 - eps)``, soft sample
+    ``s = sigmoid((logit(p) + L) / tau)``, forward value ``1[s > 1/2]`` (a Bernoulli(p) draw),
+    gradient ``ds/dp``. ``eps ~ U(0, 1)`` given (same shape as ``p``)."""
+    q = p.clamp(1e-6, 1 - 1e-6)
+    e = eps.clamp(1e-6, 1 - 1e-6).to(q.dtype)
+    soft = torch.sigmoid((torch.log(q) - torch.log1p(-q) + torch.log(e) - torch.log1p(-e)) / tau)
+    hard = (soft > 0.5).to(p.dtype)
+    return soft + (hard - soft).detach()
+
+
 def categorical_st(probs: torch.Tensor, xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``ỹ ~ Cat(probs)`` by seed 004 eq. 8-9, with ``xi ~ U(0, 1)`` given (``[B]``).
 
@@ -407,13 +420,18 @@ class PICNNGate(Gate):
     description = "P = softmax over classes per filter, Bernoulli masks from pseudo-labels"
 
     def __init__(self, channels: int, classes: int, temperature: float = 1.0,
-                 init_scale: float = 0.01, **kw):
+                 init_scale: float = 0.01, sampling: str = "bernoulli",
+                 gumbel_temperature: float = 0.5, **kw):
         if temperature <= 0:
             raise UsageError(f"`gate_temperature` must be positive, got {temperature}",
                              "pass e.g. `gate_temperature=1`")
+        check_choice("gate_sampling", sampling)
         kw["label_source"] = "pseudo"
         super().__init__(channels, classes, temperature=float(temperature),
-                         init_scale=float(init_scale), **kw)
+                         init_scale=float(init_scale), sampling=sampling,
+                         gumbel_temperature=float(gumbel_temperature), **kw)
+        self.sampling = sampling
+        self.gumbel_temperature = float(gumbel_temperature)
         self.Theta = nn.Parameter(torch.randn(classes, channels) * float(init_scale))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
@@ -427,7 +445,8 @@ class PICNNGate(Gate):
     def draw(self, logits: torch.Tensor, labels: torch.Tensor, noise: GateNoise) -> GateDraw:
         onehot, index = categorical_st(torch.softmax(logits.float(), dim=1), noise.xi)  # eq. 8-9
         p = onehot @ self.probabilities()                                              # [B, N]
-        z = bernoulli_st(p, noise.eps)                                                 # eq. 5-6
+        z = bernoulli_st(p, noise.eps) if self.sampling == "bernoulli" \
+            else gumbel_st(p, noise.eps, self.gumbel_temperature)                      # eq. 5-6
         return GateDraw(mask=z, weight=self._weight(index, labels), index=index)
 
     def raw_tensors(self) -> dict[str, torch.Tensor]:

@@ -221,3 +221,14 @@ def layer_shapes(backbone: str, size: int = 64, num_classes: int | None = None,
     rows = [{"layer": n, "type": type(m).__name__, "output": shapes.get(n), "default": n == target}
             for n, m in model.named_modules() if n]
     return rows, size
+
+
+ONE_BY_ONE_FIX = ("train with the small-input stem (`stem=small`, the default for inputs of at "
+                  "most 64 px), raise `resize`, or choose an earlier `layer`")
+
+
+def one_by_one(layer: str, size: tuple[int, int], what: str) -> str:
+    """The problem of a localizing method (Grad-CAM, dissection) at a layer whose map is a
+    single position: its maps would be uniform."""
+    return (f"layer {layer!r} has a 1x1 map at {size[0]}x{size[1]} inputs, so {what} cannot "
+            "localize anything (every map would be uniform)")

@@ -65,7 +65,7 @@ from cnnexplain.explain.dissect.quantiles import (
 )
 from cnnexplain.explain.dissect.tally import QuadTable, Tally, accumulate_tallies
 from cnnexplain.fingerprint import digest_parts
-from cnnexplain.models.layers import get_module, record
+from cnnexplain.models.layers import ONE_BY_ONE_FIX, get_module, one_by_one, record
 from cnnexplain.progress import silent
 from cnnexplain.runtime import Dist
 
@@ -206,6 +206,9 @@ def plan_layers(model: nn.Module, layers: Sequence[str], dataset, preprocessing:
             raise UsageError(f"layer {layer!r} outputs shape {list(a.shape)}, not channel maps "
                              "[B, K, h, w], so it has no units to dissect",
                              "choose a convolutional layer, e.g. layer4 or features")
+        if a.shape[2] * a.shape[3] == 1:
+            raise UsageError(one_by_one(layer, tuple(image.shape[-2:]), "dissection"),
+                             ONE_BY_ONE_FIX)
         plans[layer] = LayerPlan(layer, int(a.shape[1]), (int(a.shape[2]), int(a.shape[3])))
     return plans
 

@@ -1,13 +1,8 @@
 """Network Dissection, the tallies: unit masks and the dataset-wide counts of each layer.
 
-Network Dissection (Bau, Zhou, Khosla, Oliva, Torralba, "Network Dissection: Quantifying
-Interpretability of Deep Visual Representations", CVPR 2017; seed
-``001_67e86decce6b6927.txt`` section 7.1.2; seed ``000_d60c53f3ec4d0e03.txt`` "unit
-interpretability") labels every unit (channel) ``k`` of a layer with the Broden concept ``c`` its
-thresholded activation map overlaps best. Everything here is pure tensor code, vectorized over
-units and concepts (no Python loop over either); the reference implementations' behaviour is
-summarized in ../shared/reference/broden-and-dissection.md. IoU and the labels computed from
-these counts are in :mod:`cnnexplain.explain.dissect.labels`.
+Pure tensor code, vectorized over units and concepts (Bau et al. 2017; the method and its
+citation in :mod:`cnnexplain.explain.dissect.labels`). IoU and the labels computed from these
+counts are in :mod:`cnnexplain.explain.dissect.labels`.
 
 Unit masks
 ----------

@@ -27,7 +27,7 @@ from cnnexplain.explain.saliency.evaluation import (
 )
 from cnnexplain.explain.saliency.inputs import ImageSet, TargetSpec, predictions
 from cnnexplain.explain.saliency.runner import Explainer, MethodResult
-from cnnexplain.models.layers import get_module
+from cnnexplain.models.layers import ONE_BY_ONE_FIX, get_module, one_by_one
 
 
 def parse_methods(text: str | None) -> list[str] | None:
@@ -64,7 +64,7 @@ def select_methods(requested: list[str] | None, info: ModelInfo) -> tuple[list[s
 def probe_layer(model, layer: str, example: torch.Tensor, methods: list[str], clusters) -> tuple:
     """Check, with one forward pass of one image, that ``layer`` outputs one 4-D tensor once per
     forward pass (what the layer methods need) and that a gate's clusters fit it."""
-    if not any(METHODS[n].needs_layer or METHODS[n].needs_gate for n in methods):
+    if not any(METHODS[n].kind == "layer" for n in methods):
         return ()
     module = get_module(model, layer)
     seen = []
@@ -74,7 +74,7 @@ def probe_layer(model, layer: str, example: torch.Tensor, methods: list[str], cl
             model(example)
     finally:
         handle.remove()
-    users = [n for n in methods if METHODS[n].needs_layer]
+    users = [n for n in methods if METHODS[n].kind == "layer"]
     if len(seen) != 1:
         raise UsageError(f"layer {layer!r} runs {len(seen)} times per forward pass, so its output "
                          f"is ambiguous for {users[0]}",
@@ -157,7 +157,15 @@ def plan(loaded, images: ImageSet, requested: list[str] | None, target: TargetSp
                          f"{h}x{w}", f"pass `resize={max(min_size, 64)}` (or a dataset with "
                          "larger images)")
     example = images.images[:1].to(device)
-    probe_layer(loaded.model, layer, example, methods, clusters)
+    shape = probe_layer(loaded.model, layer, example, methods, clusters)
+    if shape and shape[1] * shape[2] == 1:
+        layer_methods = [n for n in methods if METHODS[n].kind == "layer"]
+        problem = one_by_one(layer, (h, w), layer_methods[0])
+        if requested is not None:
+            raise UsageError(problem, ONE_BY_ONE_FIX)
+        methods = [n for n in methods if n not in layer_methods]
+        skipped += layer_methods
+        notices.append(f"{problem}: skipping {', '.join(layer_methods)}")
     context = Context(options=options, preprocessing=loaded.preprocessing,
                       classifier=loaded.spec.classifier, clusters=clusters, seed=int(seed),
                       backbone=loaded.backbone)
