@@ -20,6 +20,27 @@ from cnnexplain.errors import CnnexplainError
 TMP_PREFIX = ".cnnexplain-tmp-"
 
 
+def umask() -> int:
+    """The process's file-creation mask, read without changing it (Linux: /proc; elsewhere the
+    set-and-restore of ``os.umask``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 minus the umask
+    (temporary files are created 0o600; results take this mode when they are moved in)."""
+    return 0o666 & ~umask()
+
+
 def _explain_oserror(exc: OSError, path: Path) -> CnnexplainError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         what = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -53,6 +74,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

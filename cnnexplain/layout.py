@@ -9,9 +9,11 @@ and :mod:`cnnexplain.report.collect` both ask :class:`RunLayout` where a file go
     entanglement.csv              evaluate-entanglement: one row per metric
     entanglement_per_class.csv    ... one row per class; features.h5 with `save_features`
     saliency/                     maps.h5, evaluation.csv, sanity.csv, overlays/, grid.png
-    dissect/                      tally.csv, summary.csv, iou.h5, clusters.csv, index.html
+    dissect/                      tally.csv, summary.csv, iou.h5, clusters.csv, index.html;
+                                  with `negative` / `rotate` also tally_<view>.csv,
+                                  summary_<view>.csv, iou_<view>.h5 and rotation.csv
     tcav/                         tcav.csv, runs.csv, tcav.png
-    report/                       index.html, summary.csv and the report's PNGs
+    report/                       index.html, summary.csv, checks.csv and the report's PNGs
 """
 
 from __future__ import annotations
@@ -113,9 +115,25 @@ class RunLayout:
     def dissect(self) -> Path:
         return self.root / DISSECT
 
-    def dissect_tally(self, layer: str | None = None) -> Path:
-        """``dissect/tally.csv`` (the last layer's), or ``dissect/<layer>/tally.csv``."""
-        return (self.dissect / layer / "tally.csv") if layer else self.dissect / "tally.csv"
+    def dissect_tally(self, layer: str | None = None, view: str | None = None) -> Path:
+        """``dissect/tally.csv`` (the last layer's), or ``dissect/<layer>/tally.csv``; for a
+        view other than the positive one (``negative``, ``rotated``) ``tally_<view>.csv``."""
+        name = f"tally_{view}.csv" if view else "tally.csv"
+        return (self.dissect / layer / name) if layer else self.dissect / name
+
+    def dissect_view_summary(self, view: str) -> Path:
+        """``dissect/summary_<view>.csv``: summary.csv's rows for the ``negative`` or
+        ``rotated`` view."""
+        return self.dissect / f"summary_{view}.csv"
+
+    def dissect_view_iou(self, view: str) -> Path:
+        """``dissect/iou_<view>.h5``: iou.h5 for the ``negative`` or ``rotated`` view."""
+        return self.dissect / f"iou_{view}.h5"
+
+    @property
+    def dissect_rotation(self) -> Path:
+        """Unique detectors per layer and category, unrotated and rotated (`rotate`)."""
+        return self.dissect / "rotation.csv"
 
     @property
     def dissect_summary(self) -> Path:
@@ -133,9 +151,11 @@ class RunLayout:
     def dissect_index(self) -> Path:
         return self.dissect / "index.html"
 
-    def dissect_detectors(self, number: int | str = "*") -> Path:
-        """``dissect/detectors-<n>.png``: the bar graph of the n-th layer (``*``: a glob)."""
-        return self.dissect / f"detectors-{number}.png"
+    def dissect_detectors(self, number: int | str = "*", view: str | None = None) -> Path:
+        """``dissect/detectors-<n>.png``: the bar graph of the n-th layer (``*``: a glob);
+        ``<view>-detectors-<n>.png`` for another view (outside the glob)."""
+        return self.dissect / (f"{view}-detectors-{number}.png" if view else
+                               f"detectors-{number}.png")
 
     # -- tcav ------------------------------------------------------------------------------
     @property
@@ -166,3 +186,8 @@ class RunLayout:
     @property
     def report_summary(self) -> Path:
         return self.report / "summary.csv"
+
+    @property
+    def report_checks(self) -> Path:
+        """One row per check: what the user should see, whether it was seen, the figures."""
+        return self.report / "checks.csv"

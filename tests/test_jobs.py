@@ -16,6 +16,7 @@ from cnnexplain.config.report import ReportOptions
 from cnnexplain.config.saliency import SaliencyData, SaliencyOptions
 from cnnexplain.config.tcav import ConceptOptions, TCAVConfig, TcavData, TcavOptions
 from cnnexplain.config.train import TrainConfig, TrainData, TrainOptions
+from cnnexplain.data.synthetic import WorldConfig
 from cnnexplain.errors import UsageError
 from cnnexplain.jobs import dissect, evaluate, report, saliency, synth, tcav, train
 from cnnexplain.jobs.base import execute
@@ -47,6 +48,7 @@ def test_train_job_writes_the_run(trained):
     assert output.summary["method"] == "picnn" and output.summary["epochs"] == 1
     entry = json.loads(layout.manifest.read_text())["commands"]["train-gated"]
     assert entry["options"]["epochs"] == 1 and entry["options"]["dataset"] == WORLD
+    assert entry["model"]["stem"] == "imagenet"  # smallcnn has no small-input variant
     assert entry["results"][0] == "checkpoint.pt"
 
 
@@ -57,7 +59,8 @@ def test_evaluate_job_defaults_to_the_checkpoints_data(trained):
                               metrics=EntanglementOptions(draws=1, scores=False),
                               run=RunOptions(out=out), compute=_compute(tmp))
     output = execute(evaluate, options)
-    assert output.plan.resolved.spec == WORLD  # not the default synthetic world
+    # the checkpoint's world, not the default synthetic world
+    assert WorldConfig.from_spec(output.plan.resolved.spec) == WorldConfig.from_spec(WORLD)
     assert len(output.plan.resolved.data) == 12
     assert RunLayout(out).entanglement.is_file() and "MIS" in output.summary
 

@@ -313,3 +313,26 @@ def test_spec_errors_are_one_line(spec, words):
     assert "\n" not in line
     for w in words:
         assert w in line
+
+
+def test_fresh_training_images_every_epoch():
+    """The train split of a fresh world (the default) draws new images each epoch: epoch e is
+    world indices e*n .. (e+1)*n - 1; val and test, and fresh=0, never change."""
+    from cnnexplain.data.synthetic import SyntheticDataset
+
+    cfg = WorldConfig.from_spec("synthetic:n=12,res=16")
+    assert cfg.fresh and WorldConfig.from_spec("synthetic:n=12,res=16,fresh=0").fresh is False
+    train = SyntheticDataset(cfg, "train")
+    e0, e1, e2 = (train.epoch_view(e) for e in (0, 1, 2))
+    assert e0 is train and len(e1) == len(e2) == 12
+    assert e1.world_index(0) == 12 and e2.world_index(5) == 29
+    assert not np.array_equal(e0[0]["image"].numpy(), e1[0]["image"].numpy())
+    np.testing.assert_array_equal(e1[3]["image"].numpy(),
+                                  SyntheticDataset(cfg, "train").epoch_view(1)[3]["image"].numpy())
+    assert e1[3]["label"] == 3 % len(cfg.classes)  # classes stay balanced
+    val = SyntheticDataset(cfg, "val")
+    assert val.epoch_view(3) is val
+    fixed = SyntheticDataset(WorldConfig.from_spec("synthetic:n=12,res=16,fresh=0"), "train")
+    assert fixed.epoch_view(4) is fixed
+    assert WorldConfig.from_spec(cfg.to_spec()) == cfg
+    assert WorldConfig.from_spec("synthetic:fresh=0").to_spec() == "synthetic:fresh=0"

@@ -255,6 +255,10 @@ def test_data_order_depends_only_on_seed_and_epoch_and_ranks_partition_the_batch
         assert s == a + b
     assert _lr_factor("cosine", 0, 100) == 1.0 and abs(_lr_factor("cosine", 99, 100) - 0.001) < 1e-12
     assert _lr_factor("constant", 50, 100) == 1.0
+    # stable-decay: full rate for the first 80% of the steps, then the same cosine to 0.001
+    assert _lr_factor("stable-decay", 0, 101) == _lr_factor("stable-decay", 80, 101) == 1.0
+    assert 0.001 < _lr_factor("stable-decay", 90, 101) < 1.0
+    assert abs(_lr_factor("stable-decay", 100, 101) - 0.001) < 1e-12
 
 
 def test_validation_errors_before_anything_is_written(tmp_path):
@@ -344,3 +348,16 @@ def test_paper_preset_trains_exactly_the_seeds_losses(tmp_path):
     (ta, _), (tb, _) = tensors(a.checkpoint), tensors(b.checkpoint)
     assert ta.keys() == tb.keys()
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_dihedral_augmentation_is_a_symmetry_of_the_square():
+    """Each image becomes one of its eight flips / quarter turns (drawn per global batch)."""
+    from cnnexplain.training.augment import augment_batch
+    from cnnexplain.training.state import generator
+
+    x = torch.rand(16, 3, 8, 8)
+    y = augment_batch(x, "dihedral", generator(0, "augment", 0, 0))
+    for a, b in zip(x, y):
+        images = [torch.rot90(v, k, dims=(-2, -1)) for v in (a, a.flip(-1)) for k in range(4)]
+        assert any(torch.equal(b, im) for im in images)
+    assert not torch.equal(x, y)

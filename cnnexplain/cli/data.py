@@ -39,9 +39,12 @@ def synth(options: SynthOptions):
 
 
 def inspect(options: InspectOptions):
+    from cnnexplain.config.fields import check
+    from cnnexplain.data.files import FilePolicy
     from cnnexplain.data.inspect import inspect_dataset
 
-    rows = inspect_dataset(options.target)
+    check(options)
+    rows = inspect_dataset(options.target, FilePolicy.of(options.files))
     if options.json_output:
         sys.stdout.write(json.dumps(rows, default=str) + "\n")
         return 0

@@ -18,8 +18,9 @@ Broden category.
 Example: cnnexplain dissect --checkpoint runs/std/best.pt --broden data/broden --layer layer3,layer4
 
 Outputs in --out/dissect: tally.csv, summary.csv, iou.h5, index.html (bar graphs, per-unit
-labels and top-image strips) and, for a gated checkpoint, clusters.csv. --help-methods
-explains thresholds, IoU modes and the cache; torchrun shards the images."""
+labels and top-image strips) and, for a gated checkpoint, clusters.csv; --negative and
+--rotate SEED add the lowest activations' labels and a random-rotation control. --help-methods
+explains thresholds, IoU modes, the views and the cache; torchrun shards the images."""
 
 METHODS = "\n\n".join([
     "Label every unit (channel) of one or more layers with the human concept it detects, as "
@@ -38,6 +39,19 @@ METHODS = "\n\n".join([
     "model's recorded preprocessing, else ImageNet's. The reference code used (RGB - "
     "\\[124.69, 118.69, 109.54]) / 57.12, i.e. --mean 0.489,0.465,0.430 --std "
     "0.224,0.224,0.224.",
+    "--negative also labels every unit by its lowest activations, which Network Dissection "
+    "leaves out: the threshold is the bottom --quantile of the unit's activations and the mask "
+    "is where the upsampled map is below it (the same code run on the negated maps). Written "
+    "beside the positive outputs (tally_negative.csv, summary_negative.csv, iou_negative.h5, a "
+    "section of index.html); the positive files do not change.",
+    "--rotate SEED also dissects each layer after a random orthogonal rotation of its channels "
+    "(Bau et al. 2017, section 3.2): Q from the QR decomposition of a seeded Gaussian K x K "
+    "matrix (signs fixed by R's diagonal), maps A' = Q A over the channels, then thresholds "
+    "and IoU exactly as for the layer itself. The rotated layer is as discriminative as the "
+    "original, so fewer unique detectors there show that interpretability is axis-aligned. "
+    "rotation.csv (and --json: unique_concepts against unique_concepts_rotated) compares the "
+    "two; tally_rotated.csv, summary_rotated.csv and iou_rotated.h5 (with Q) hold the rest. "
+    "Both views come from the same forward pass and stored maps.",
     "All --layer values come from one forward pass; their maps are kept in the HDF5 cache (a "
     "private temporary file with --no-cache), so a repeated run reads them back. --recompute "
     "runs the forward pass again for the tally instead of storing the maps.",

@@ -138,11 +138,14 @@ def expand_recipe(root, args: list[str]) -> tuple[list[str], dict]:
             values = raw if (p.multiple and isinstance(raw, list)) else [raw]
             for v in values:
                 if isinstance(v, dict) or (isinstance(v, list) and not p.multiple):
-                    if isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v):
-                        v = ",".join(str(x) for x in v)
+                    numeric = _annotation(p) in (int, float)
+                    if isinstance(v, list) and not numeric and \
+                            all(not isinstance(x, (dict, list)) for x in v):
+                        v = ",".join(str(x) for x in v)  # a comma-separated option
                     else:
-                        raise UsageError(f"recipe key {key!r} must be a single value",
-                                         f"write {key}: VALUE")
+                        raise UsageError(f"recipe key {key!r} must be a single value, got "
+                                         f"{type(v).__name__} {v!r}", f"write {key}: VALUE")
+
                 if v is None:
                     continue
                 if isinstance(v, bool):
@@ -150,6 +153,14 @@ def expand_recipe(root, args: list[str]) -> tuple[list[str], dict]:
                 inserted.extend([flag, str(v)])
         origin[p.name] = str(key)
     return args[:i] + inserted + rest, origin
+
+
+def _annotation(param):
+    """The Python type a parameter is declared with (typer's descriptor; click's type name)."""
+    desc = getattr(param, "type_descriptor", None)
+    if desc is not None:
+        return getattr(desc, "annotation", None)
+    return {"integer": int, "float": float}.get(getattr(getattr(param, "type", None), "name", ""))
 
 
 def _all_commands(root) -> list[str]:

@@ -72,7 +72,8 @@ def train_gated(options: TrainOptions):
 
 def render(output, term) -> None:
     result, config = output.result, output.plan.options.config
-    table = Table(title=f"train-gated {config.method} ({config.backbone} at {result.layer})")
+    table = Table(title=f"train-gated {config.method} ({config.backbone}, {config.stem} stem, "
+                        f"at {result.layer})")
     table.add_column("epoch", justify="right")
     for col in ("loss", "train acc1", "gated acc", "val acc1", "val acc2", "val acc3",
                 "density", "peaked", "time s"):

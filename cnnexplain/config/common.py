@@ -100,3 +100,20 @@ class DataOptions:
                                show_default=False)
     batch_size: int = option(64, low=1, help="Images per batch.", panel=DATA)
     workers: int = option(0, low=0, help="DataLoader worker processes.", panel=DATA)
+
+
+@dataclass
+class FileOptions:
+    """How dataset files are read: confined to the dataset's root, decoded within a pixel
+    limit (cnnexplain.data.files)."""
+
+    follow_symlinks: bool = option(False, help="Accept dataset files and folders (images, masks, "
+                                   "class and concept folders) that resolve through symlinks to "
+                                   "places outside the dataset's root. By default such a file "
+                                   "stops the command, so that a dataset cannot make it read "
+                                   "files elsewhere; pass it for a dataset that is a farm of "
+                                   "links.", panel=DATA)
+    max_image_pixels: int = option(89_478_485, low=1, help="Largest image, in pixels (width x "
+                                   "height, read from the header), that is decoded: a guard "
+                                   "against decompression bombs. Default: PIL's warning "
+                                   "threshold.", panel=DATA, example=89_478_485)

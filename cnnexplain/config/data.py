@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnexplain.config.common import RunOptions
+from cnnexplain.config.common import FileOptions, RunOptions
 from cnnexplain.config.fields import check, group, option
 from cnnexplain.errors import UsageError
 
@@ -66,3 +66,4 @@ class InspectOptions:
                          "or a directory.", metavar="TARGET")
     json_output: bool = option(False, name="json", help="Print a machine-readable JSON summary "
                                "to stdout, nothing else.")
+    files: FileOptions = group(FileOptions)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnexplain.config.common import (DATA, MODEL, ComputeOptions, ModelOptions, PrepOptions,
-                                      RunOptions)
+from cnnexplain.config.common import (DATA, MODEL, ComputeOptions, FileOptions, ModelOptions,
+                                      PrepOptions, RunOptions)
 from cnnexplain.config.fields import check, group, option
 from cnnexplain.errors import UsageError
 
@@ -41,6 +41,14 @@ class DissectConfig:
     workers: int = option(0, low=0, help="DataLoader worker processes.", panel=DATA)
     recompute: bool = option(False, help="Run the forward pass again for the tally instead of "
                              "storing the layer maps (no disk; slower).", panel=DISSECT)
+    negative: bool = option(False, help="Also label every unit by its lowest activations (the "
+                            "bottom `quantile`, mask: activation below it), from the same maps; "
+                            "written beside the positive outputs.", panel=DISSECT)
+    rotate: int | None = option(None, low=0, high=2**64 - 1, help="Also dissect each layer "
+                                "after a random orthogonal rotation of its channels seeded by "
+                                "this number, and compare its unique concepts with the "
+                                "unrotated layer's (Bau et al. 2017).", panel=DISSECT,
+                                show_default=False, metavar="SEED")
     max_exact_bytes: int = option(MAX_EXACT_BYTES, low=1, cli=False, help="Largest exact-mode "
                                   "buffer.")
 
@@ -101,6 +109,7 @@ class DissectOptions:
     model: DissectModel = group(DissectModel)
     data: DissectData = group(DissectData)
     prep: PrepOptions = group(PrepOptions)
+    files: FileOptions = group(FileOptions)
     config: DissectConfig = group(DissectConfig)
     run: RunOptions = group(RunOptions)
     compute: ComputeOptions = group(ComputeOptions)

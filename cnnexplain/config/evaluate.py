@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cnnexplain.config.common import (ComputeOptions, DataOptions, ModelOptions, PrepOptions,
-                                      RunOptions)
+from cnnexplain.config.common import (ComputeOptions, DataOptions, FileOptions, ModelOptions,
+                                      PrepOptions, RunOptions)
 from cnnexplain.config.fields import check, group, option
 
 METRICS_PANEL = "Metrics"
@@ -56,6 +56,7 @@ class EvaluateOptions:
     model: ModelOptions = group(ModelOptions)
     data: DataOptions = group(DataOptions)
     prep: PrepOptions = group(PrepOptions)
+    files: FileOptions = group(FileOptions)
     metrics: EntanglementOptions = group(EntanglementOptions)
     bounds: BoundOptions = group(BoundOptions)
     run: RunOptions = group(RunOptions)

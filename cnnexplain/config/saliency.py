@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from cnnexplain.config.common import (DATA, ComputeOptions, DataOptions, ModelOptions,
-                                      PrepOptions, RunOptions)
+                                      FileOptions, PrepOptions, RunOptions)
 from cnnexplain.config.fields import check, group, option
 from cnnexplain.errors import UsageError
 
@@ -113,6 +113,7 @@ class SaliencyOptions:
     model: ModelOptions = group(ModelOptions)
     data: SaliencyData = group(SaliencyData)
     prep: PrepOptions = group(PrepOptions)
+    files: FileOptions = group(FileOptions)
     methods: str = option("gradient,gradcam", help="Comma-separated methods, or all (every one "
                           "that applies; see `list_methods`).", panel=SAL)
     target: str = option("pred", help="pred (top class), label, a class index, or topk:K (K "

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cnnexplain.config.common import (DATA, MODEL, ComputeOptions, DataOptions, ModelOptions,
-                                      PrepOptions, RunOptions)
+                                      FileOptions, PrepOptions, RunOptions)
 from cnnexplain.config.fields import check, group, option
 from cnnexplain.errors import UsageError
 
@@ -119,6 +119,7 @@ class TcavOptions:
                                       "comma-separated.", panel=TCAV_PANEL, show_default=False)
     data: TcavData = group(TcavData)
     prep: PrepOptions = group(PrepOptions)
+    files: FileOptions = group(FileOptions)
     tcav: TCAVConfig = group(TCAVConfig)
     run: RunOptions = group(RunOptions)
     compute: ComputeOptions = group(ComputeOptions)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from cnnexplain.config.common import (DATA, MODEL, STEM_CHOICES, STEM_HELP, ComputeOptions,
-                                      PrepOptions, RunOptions)
+                                      FileOptions, PrepOptions, RunOptions)
 from cnnexplain.config.fields import check, group, option
 from cnnexplain.errors import UsageError
 
@@ -25,11 +25,14 @@ GATED_TAILS = ("shared", "frozen")
 SAMPLINGS = ("bernoulli", "gumbel")
 """How picnn draws its Bernoulli masks: seed 004's reparameterization (eq. 5-6) or the
 Gumbel-softmax relaxation it compares with."""
-AUGMENTATIONS = ("none", "flip", "flip-crop")
-"""Training-time augmentation: horizontal flips with probability 1/2, and (flip-crop) random
-crops of the image padded by 1/8 of its side with zeros (the usual CIFAR recipe)."""
+AUGMENTATIONS = ("auto", "none", "flip", "flip-crop", "dihedral")
+"""Training-time augmentation: horizontal flips with probability 1/2; flip-crop adds random
+crops of the image padded by 1/8 of its side with zeros (the usual CIFAR recipe); dihedral adds
+random quarter turns (the eight symmetries of the square: for data whose classes they keep, as
+the synthetic world's shapes); auto: the dataset's own (the synthetic world: dihedral; CIFAR,
+STL-10: flip-crop; anything else: none, since a flip can change a digit or a letter)."""
 OPTIMIZERS = ("sgd", "adam")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("stable-decay", "cosine", "constant")
 PRESETS = {
     "default": {"lambda_neg": 1.0, "gate_label": "pseudo"},
     "paper": {"lambda_neg": 0.0, "gate_label": "true"},
@@ -117,9 +120,11 @@ class TrainConfig:
     val_fraction: float = option(0.1, low=0, high=1, low_open=True, high_open=True,
                                  help="Share of the training images held out for validation "
                                  "where the dataset has no val split.", panel=DATA)
-    augment: str = option("none", choices=AUGMENTATIONS, help="Training augmentation: none, "
-                          "flip (horizontal, p = 1/2) or flip-crop (also random crops of the "
-                          "image zero-padded by 1/8 of its side).", panel=DATA)
+    augment: str = option("auto", choices=AUGMENTATIONS, help="Training augmentation: none, "
+                          "flip (horizontal, p = 1/2), flip-crop (also random crops of the "
+                          "image zero-padded by 1/8 of its side), dihedral (flips and quarter "
+                          "turns), or auto: the dataset's own (synthetic world: dihedral; "
+                          "CIFAR, STL-10: flip-crop; else none).", panel=DATA)
     optimizer: str = option("adam", choices=OPTIMIZERS, help="sgd or adam (the network's).",
                             panel=TRAINING)
     lr: float = option(1e-3, low=0, high=MAX_LR, low_open=True, help="Learning rate of the "
@@ -128,8 +133,10 @@ class TrainConfig:
                              panel=TRAINING)
     weight_decay: float = option(1e-4, low=0, help="L2 weight decay of the network.",
                                  panel=TRAINING)
-    schedule: str = option("cosine", choices=SCHEDULES, help="cosine (to 0.001 x lr, per step) "
-                           "or constant; applies to `lr` and `gate_lr`.", panel=TRAINING)
+    schedule: str = option("stable-decay", choices=SCHEDULES, help="stable-decay (constant, "
+                           "then a cosine to 0.001 x lr over the last fifth of the steps), "
+                           "cosine (over all steps) or constant; applies to `lr` and "
+                           "`gate_lr`.", panel=TRAINING)
     grad_clip: float | None = option(None, low=0, low_open=True, help="Clip the global gradient "
                                      "norm to this value.", panel=TRAINING, show_default=False,
                                      example=5)
@@ -187,6 +194,7 @@ class TrainOptions:
     config: TrainConfig = group(TrainConfig)
     data: TrainData = group(TrainData)
     prep: PrepOptions = group(PrepOptions)
+    files: FileOptions = group(FileOptions)
     resume: bool = option(False, help="Continue the run in `out` from its last checkpoint (same "
                           "options); ends with the same result as an uninterrupted run.",
                           panel=TRAINING)

@@ -26,12 +26,16 @@ class ImageDataset(Dataset):
     class_names: list[str] = []
     preprocessing: Preprocessing = Preprocessing()
     spec: str = ""
+    augmentation: str = "none"
+    """The training augmentation the data's classes survive (``augment=auto``): none unless a
+    dataset knows better (a flip can change a digit or a letter)."""
 
     def fingerprint(self) -> str:  # pragma: no cover - every subclass defines it
         raise TypeError(f"{type(self).__name__} must define fingerprint()")
 
     def describe(self) -> dict:
         return {"spec": self.spec, "size": len(self), "classes": len(self.class_names),
+                "class_names": [str(c) for c in self.class_names],
                 "fingerprint": self.fingerprint(), "preprocessing": self.preprocessing.to_dict()}
 
 

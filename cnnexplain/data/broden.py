@@ -34,6 +34,7 @@ from PIL import Image
 
 from cnnexplain.data.base import ImageDataset
 from cnnexplain.data.export import Progress, png_bytes, staged_directory, write_manifest
+from cnnexplain.data.files import Confinement, FilePolicy, open_image, too_large
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.data.synthetic import (
     CATEGORIES, IMAGE_CATEGORIES, ONTOLOGY, PIXEL_CATEGORIES, Sample, WorldConfig,
@@ -320,15 +321,21 @@ class BrodenDataset(ImageDataset):
     bad mask elsewhere fails with a one-line error naming the file. ``categories`` keeps those
     categories (and drops images that have none of them, like NetDissect-Lite); ``split``
     keeps one split ('train' / 'val'; None or 'all' keeps every row); ``limit`` then keeps the
-    first N rows.
+    first N rows. ``files`` (:class:`~cnnexplain.data.files.FilePolicy`): every image and mask
+    must resolve inside ``root`` (checked on open and again on every decode, a one-line error
+    naming the file), and no image or mask larger than its pixel limit is decoded (the index's
+    ih x iw and the mask headers are checked on open).
     """
 
     def __init__(self, root: str | os.PathLike, categories: Sequence[str] | None = None,
                  limit: int | None = None, split: str | None = None,
-                 preprocessing: Preprocessing = Preprocessing()):
+                 preprocessing: Preprocessing = Preprocessing(),
+                 files: FilePolicy | None = None):
         self.root = Path(root).expanduser()
         self.images_dir = self.root / "images"
         self.preprocessing = preprocessing
+        self.files_policy = files or FilePolicy()
+        self._confined = Confinement(self.root, self.files_policy)
         self.class_names = []
         self.spec = f"broden:{root}"
         self.split = None if split in (None, "all") else split
@@ -457,9 +464,12 @@ class BrodenDataset(ImageDataset):
         return LabelTable(labels, codes)
 
     def _validate_rows(self, rows: list[_Row], problems: _Problems) -> None:
-        """Per row: paths stay inside images/, files exist, mask PNG headers say sh x sw
-        8-bit RGB(A), integer labels are in label.csv."""
+        """Per row: paths stay inside images/ (lexically, and once symlinks are resolved: a
+        one-line error of its own), files exist, images and masks are within the pixel limit,
+        mask PNG headers say sh x sw 8-bit RGB(A), integer labels are in label.csv."""
         listing = _Listing(self.images_dir)
+        confined = self._confined
+        limit = self.files_policy.max_pixels
         for r in rows:
             if problems.full:
                 return
@@ -473,13 +483,21 @@ class BrodenDataset(ImageDataset):
                 if not listing.exists(rel):
                     problems.add(f"index.csv line {r.line}: {what} file images/{rel} is missing")
                     continue
+                kind = "image" if what == "image" else f"{what} mask"
+                path = confined.check(self.images_dir / rel,
+                                      f"Broden {kind} (index.csv line {r.line})")
                 if what == "image":
+                    if r.ih * r.iw > limit:
+                        raise too_large(f"{path} (ih x iw in index.csv line {r.line})", r.iw,
+                                        r.ih, self.files_policy, "Broden image")
                     continue
                 try:
-                    w, h, depth, ctype = png_size(self.images_dir / rel)
+                    w, h, depth, ctype = png_size(path)
                 except (OSError, ValueError):
                     problems.add(f"index.csv line {r.line}: mask images/{rel} is not a PNG file")
                     continue
+                if w * h > limit:
+                    raise too_large(path, w, h, self.files_policy, "Broden mask")
                 if (h, w) != (r.sh, r.sw):
                     problems.add(f"index.csv line {r.line}: mask images/{rel} is {h}x{w}, "
                                  f"expected sh x sw = {r.sh}x{r.sw}")
@@ -569,9 +587,9 @@ class BrodenDataset(ImageDataset):
         undecodable file, a wrong shape, or (``check``) numbers absent from label.csv."""
         path = self.images_dir / rel
         try:
-            with Image.open(path) as im:
+            with open_image(path, self.files_policy, self._confined, "Broden mask") as im:
                 rgb = np.asarray(im)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError, SyntaxError) as exc:
             raise CnnexplainError(f"cannot decode Broden mask {path}: {exc}", FIX_BRODEN) from None
         if rgb.ndim != 3 or rgb.shape[:2] != (row.sh, row.sw) or rgb.dtype != np.uint8:
             raise CnnexplainError(f"Broden mask {path} has shape {list(rgb.shape)}, expected "
@@ -589,9 +607,9 @@ class BrodenDataset(ImageDataset):
         """images/<image> -> float32 [3, ih, iw] in [0, 1] (resized per preprocessing)."""
         path = self.images_dir / row.image
         try:
-            with Image.open(path) as im:
+            with open_image(path, self.files_policy, self._confined, "Broden image") as im:
                 arr = np.array(im.convert("RGB") if im.mode != "RGB" else im)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError, SyntaxError) as exc:
             raise CnnexplainError(f"cannot decode Broden image {path}: {exc}", FIX_BRODEN) from None
         if self.preprocessing.resize is None and arr.shape[:2] != (row.ih, row.iw):
             raise CnnexplainError(f"Broden image {path} is {arr.shape[0]}x{arr.shape[1]}, "
@@ -810,3 +828,15 @@ def export_broden(config: WorldConfig, out_dir: str | os.PathLike,
                        number_map={ONTOLOGY.name(int(o)): int(number_map[o])
                                    for o in np.flatnonzero(number_map)})
     return BrodenExport(root=Path(out_dir), num_images=n, number_map=number_map, label_names=names)
+
+
+def image_side(root: str | os.PathLike) -> int | None:
+    """The smaller side of the first image listed in ``root/index.csv`` (its ``ih`` / ``iw``
+    columns; None when the index is absent or unreadable: opening the dataset reports why)."""
+    path = Path(root).expanduser() / "index.csv"
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            row = next(csv.DictReader(fh))
+        return min(int(row["ih"]), int(row["iw"]))
+    except (OSError, StopIteration, KeyError, ValueError, TypeError, csv.Error):
+        return None

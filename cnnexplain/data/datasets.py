@@ -24,7 +24,11 @@ then excludes those images). ``limit`` keeps the first N images of the split.
 Image folders: images of any size and mode are read with PIL. Grayscale (1, L, I, I;16, F) is
 replicated to three channels (16-bit scaled to 8 bits); images with transparency (RGBA, LA, P
 with a transparent colour) are alpha-composited onto white; other modes (CMYK, YCbCr, ...) are
-converted by PIL. Images of mixed sizes need ``preprocessing.resize`` (``resize``).
+converted by PIL. Images of mixed sizes need ``preprocessing.resize`` (``resize``). A class
+folder of the training split without images is an error (it would silently cost the model a
+class). Every class folder and file must resolve inside the dataset's root and no image over
+the pixel limit is decoded (:mod:`cnnexplain.data.files`, options ``follow_symlinks`` and
+``max_image_pixels``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from PIL import Image
 
 from cnnexplain.data.base import ImageDataset
 from cnnexplain.data.broden import BrodenDataset
+from cnnexplain.data.files import Confinement, FilePolicy, open_image
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.data.synthetic import SyntheticDataset, WorldConfig, image_tensor
 from cnnexplain.errors import CnnexplainError, UsageError, close_matches
@@ -95,6 +100,8 @@ class ArrayDataset(ImageDataset):
     Items: ``image`` float32 [3, H, W] in [0, 1] (resized per preprocessing), ``label`` int64,
     ``index`` int64 (position in this dataset). ``fingerprint()``: content digest of the
     source files and the selection."""
+
+    augmentation = "flip-crop"  # CIFAR and STL-10: photographs, the usual recipe
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray,
                  class_names: list[str], preprocessing: Preprocessing, spec: str,
@@ -429,10 +436,13 @@ def _unreadable(path: Path, exc: Exception) -> CnnexplainError:
                            "remove or replace the file")
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to uint8 [H, W, 3]; one-line error naming an unreadable file."""
+def load_rgb(path: Path, files: FilePolicy | None = None,
+             root: Path | Confinement | None = None) -> np.ndarray:
+    """Decode an image file to uint8 [H, W, 3]; one-line error naming an unreadable file, an
+    image over ``files.max_pixels`` or (``root``) a path that resolves outside ``root``
+    (:mod:`cnnexplain.data.files`)."""
     try:
-        with Image.open(path) as im:
+        with open_image(path, files, root) as im:
             return to_rgb(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise _unreadable(path, exc) from None
@@ -445,11 +455,14 @@ class ImageFileDataset(ImageDataset):
     ``preprocessing.resize`` every header is read on open: an unreadable file, or two files of
     different sizes, fail at once with one line naming them. ``fingerprint()`` digests the
     files (``fingerprint_mode`` "stat": size and mtime, cheap; "content": every byte), the
-    labels and class names."""
+    labels and class names. ``policy``: the decoding limit and, with ``confine``, that every
+    file resolves inside ``root`` when it is opened (:mod:`cnnexplain.data.files`; the
+    readers that list a dataset check its files when listing them too)."""
 
     def __init__(self, files: list[Path], labels: list[int], class_names: list[str], root: Path,
                  preprocessing: Preprocessing, spec: str, split: str | None = None,
-                 fingerprint_mode: str = "stat"):
+                 fingerprint_mode: str = "stat", policy: FilePolicy | None = None,
+                 confine: bool = False):
         if not files:
             raise CnnexplainError(f"no images found in {root} (extensions: "
                                   f"{', '.join(IMAGE_EXTENSIONS)})", "add images or check the path")
@@ -460,6 +473,8 @@ class ImageFileDataset(ImageDataset):
         self.spec = spec
         self.split = split
         self.fingerprint_mode = fingerprint_mode
+        self.policy = policy or FilePolicy()
+        self.confine = Confinement(root, self.policy) if confine else None
         self.image_size = self._check_sizes() if preprocessing.resize is None else None
         self._fingerprint: str | None = None
 
@@ -467,7 +482,7 @@ class ImageFileDataset(ImageDataset):
         first, first_size = None, None
         for p in self.files:
             try:
-                with Image.open(p) as im:
+                with open_image(p, self.policy, self.confine) as im:
                     size = (im.height, im.width)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 raise _unreadable(p, exc) from None
@@ -484,7 +499,7 @@ class ImageFileDataset(ImageDataset):
 
     def __getitem__(self, i: int) -> dict:
         path = self.files[int(i)]
-        arr = load_rgb(path)
+        arr = load_rgb(path, self.policy, self.confine)
         if self.image_size is not None and arr.shape[:2] != self.image_size:
             raise CnnexplainError(f"image {path} is {arr.shape[0]}x{arr.shape[1]}, the others "
                                   f"{self.image_size[0]}x{self.image_size[1]}",
@@ -514,13 +529,23 @@ def image_files(folder: Path, recursive: bool = False) -> list[Path]:
                   and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _class_tree(folder: Path) -> dict[str, list[Path]]:
-    """{class name: files} for the class subfolders of ``folder`` that hold images."""
+def _class_tree(folder: Path, root: Path, policy: FilePolicy, training: bool = False
+                ) -> dict[str, list[Path]]:
+    """{class name: files} for the class subfolders of ``folder``; every folder and file must
+    resolve inside ``root`` (``policy``). ``training``: a class folder without images is an
+    error (dropping it would give the model one class fewer); elsewhere (val/, test/) it is
+    left out."""
     out = {}
+    confined = Confinement(root, policy)
     for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = image_files(d, recursive=True)
+        confined.check(d, "class folder")
+        files = [confined.check(f, "image") for f in image_files(d, recursive=True)]
         if files:
             out[d.name] = files
+        elif training:
+            raise CnnexplainError(f"class folder {d} holds no images (extensions: "
+                                  f"{', '.join(IMAGE_EXTENSIONS)})",
+                                  "add images to it or remove it")
     return out
 
 
@@ -535,7 +560,7 @@ def _open_imagefolder(root: str, args: "OpenArgs") -> ImageFileDataset:
     split = _check_split(args.split)
     split_dirs = (root_p / "train").is_dir()
     train_dir = root_p / "train" if split_dirs else root_p
-    tree = _class_tree(train_dir)
+    tree = _class_tree(train_dir, root_p, args.files, training=True)
     if not tree:
         loose = " (it holds images directly)" if image_files(train_dir) else ""
         raise CnnexplainError(f"no class folders with images in {train_dir}{loose}",
@@ -556,7 +581,7 @@ def _open_imagefolder(root: str, args: "OpenArgs") -> ImageFileDataset:
 
     own = root_p / split if split_dirs and split != "train" else None
     if own is not None and own.is_dir():
-        files, labels = flatten(_class_tree(own), own)
+        files, labels = flatten(_class_tree(own, root_p, args.files), own)
         if not files:
             raise CnnexplainError(f"no images in the class folders of {own}",
                                   f"add images under {own}/<class>/")
@@ -572,44 +597,51 @@ def _open_imagefolder(root: str, args: "OpenArgs") -> ImageFileDataset:
             files, labels = [files[k] for k in keep], [labels[k] for k in keep]
     keep = _limit(np.arange(len(files)), args.limit)
     return ImageFileDataset([files[k] for k in keep], [labels[k] for k in keep], classes, root_p,
-                            args.preprocessing, spec, split)
+                            args.preprocessing, spec, split, policy=args.files, confine=True)
 
 
 # -- TCAV concept folders ---------------------------------------------------------------------
 
 
-def list_concept_folders(root: str | os.PathLike) -> dict[str, list[str]]:
+def list_concept_folders(root: str | os.PathLike, files: FilePolicy | None = None
+                         ) -> dict[str, list[str]]:
     """{"concepts": [...], "randoms": [...]}: the image folders of a TCAV concept root (random
-    sets are the folders whose name starts with ``random``, e.g. random_0, random500_3)."""
+    sets are the folders whose name starts with ``random``, e.g. random_0, random500_3). Every
+    folder must resolve inside the root (``files``, :mod:`cnnexplain.data.files`)."""
     root_p = Path(root).expanduser()
     if not root_p.is_dir():
         raise CnnexplainError(f"concept folder root {root_p} does not exist",
                               "create it with `cnnexplain data synth` in the concepts format")
-    names = [d.name for d in sorted(root_p.iterdir())
-             if d.is_dir() and not d.name.startswith(".") and image_files(d)]
+    confined = Confinement(root_p, files)
+    folders = [d for d in sorted(root_p.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    names = [d.name for d in folders if confined.check(d, "concept folder") and image_files(d)]
     return {"concepts": [n for n in names if not n.startswith("random")],
             "randoms": [n for n in names if n.startswith("random")]}
 
 
 def concept_images(root: str | os.PathLike, name: str,
                    preprocessing: Preprocessing = Preprocessing(),
-                   limit: int | None = None) -> ImageFileDataset:
-    """The images of ``<root>/<name>/`` (label -1), fingerprinted by content."""
+                   limit: int | None = None, files: FilePolicy | None = None) -> ImageFileDataset:
+    """The images of ``<root>/<name>/`` (label -1), fingerprinted by content; the folder and
+    its files must resolve inside ``root`` (``files``, :mod:`cnnexplain.data.files`)."""
     root_p = Path(root).expanduser()
     folder = root_p / name
     if not folder.is_dir():
-        found = list_concept_folders(root_p)
+        found = list_concept_folders(root_p, files)
         names = found["concepts"] + found["randoms"]
         choices = ", ".join(names) or "(none: the root has no image folders)"
         raise CnnexplainError(f"no concept folder {folder}{close_matches(name, names)}",
                               f"choose from {choices}")
-    files = image_files(folder)
-    if not files:
+    confined = Confinement(root_p, files)
+    confined.check(folder, "concept folder")
+    paths = [confined.check(p, "image") for p in image_files(folder)]
+    if not paths:
         raise CnnexplainError(f"concept folder {folder} holds no images",
                               "add images or remove the folder")
-    files = files[: int(limit)] if limit is not None else files
-    return ImageFileDataset(files, [-1] * len(files), [], root_p, preprocessing,
-                            f"concepts:{root_p}/{name}", None, fingerprint_mode="content")
+    paths = paths[: int(limit)] if limit is not None else paths
+    return ImageFileDataset(paths, [-1] * len(paths), [], root_p, preprocessing,
+                            f"concepts:{root_p}/{name}", None, fingerprint_mode="content",
+                            policy=files, confine=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -626,6 +658,7 @@ class OpenArgs:
     seed: int
     val_fraction: float
     categories: tuple[str, ...] | None
+    files: FilePolicy = FilePolicy()
 
 
 def _open_synthetic(rest: str, args: OpenArgs) -> SyntheticDataset:
@@ -638,7 +671,7 @@ def _open_synthetic(rest: str, args: OpenArgs) -> SyntheticDataset:
 def _open_broden(root: str, args: OpenArgs) -> BrodenDataset:
     split = _check_split(args.split, ("train", "val", "all"))
     return BrodenDataset(root, categories=args.categories, limit=args.limit, split=split,
-                         preprocessing=args.preprocessing)
+                         preprocessing=args.preprocessing, files=args.files)
 
 
 @dataclass(frozen=True)
@@ -686,16 +719,20 @@ def parse_spec(spec: str) -> tuple[DatasetKind, str]:
 def open_dataset(spec: str = "synthetic", split: str = "train",
                  preprocessing: Preprocessing = Preprocessing(), limit: int | None = None,
                  seed: int = 0, val_fraction: float = 0.1,
-                 categories: Sequence[str] | None = None) -> ImageDataset:
+                 categories: Sequence[str] | None = None,
+                 files: FilePolicy | None = None) -> ImageDataset:
     """Open a dataset spec (module docstring) as an :class:`ImageDataset`.
 
     ``split``: train / val / test (Broden: train / val / all); ``seed`` and ``val_fraction``
     carve val from train where the dataset has none; ``limit``: first N images of the split;
-    ``categories``: Broden categories to keep (Broden only)."""
+    ``categories``: Broden categories to keep (Broden only); ``files``: symlinks and the
+    decoding limit (:class:`~cnnexplain.data.files.FilePolicy`, default: confined to the
+    dataset's root, PIL's pixel threshold)."""
     kind, rest = parse_spec(spec)
     if categories is not None and kind.prefix != "broden":
         raise UsageError(f"`categories` applies to Broden datasets, not {kind.prefix}",
                          "drop `categories` or use `dataset=broden:ROOT`")
     args = OpenArgs(kind.prefix, split, preprocessing, limit, int(seed), float(val_fraction),
-                    tuple(categories) if categories is not None else None)
+                    tuple(categories) if categories is not None else None,
+                    files if files is not None else FilePolicy())
     return kind.open(rest, args)

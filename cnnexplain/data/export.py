@@ -25,7 +25,7 @@ from cnnexplain import __version__
 from cnnexplain.data.synthetic import (
     CORRELATABLE, IMAGE_CATEGORIES, ONTOLOGY, SPLIT_OFFSETS, WORLD_VERSION, WorldConfig, render)
 from cnnexplain.errors import CnnexplainError, UsageError
-from cnnexplain.io import TMP_PREFIX, write_bytes, write_json
+from cnnexplain.io import umask, TMP_PREFIX, write_bytes, write_json
 
 Progress = Callable[[int, int], None]
 MANIFEST = "synthetic.json"
@@ -42,9 +42,11 @@ def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
         raise CnnexplainError(f"{out} already exists and is not empty",
                               "choose another `out` or pass `overwrite=true`")
+    remove_stale_staging(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-{os.getpid()}-",
+                                    dir=out.parent))
     except OSError as exc:
         raise CnnexplainError(f"cannot create {out}: {exc.strerror or exc}",
                               "choose a writable `out`") from None
@@ -54,12 +56,38 @@ def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{out.name}-", dir=out.parent))
             os.replace(out, old / "old")
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0o700 -> what mkdir would have given
         os.replace(tmp, out)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove the staging folders of ``out`` that killed exports left beside it (named
+    ``.cnnexplain-tmp-<name>-<pid>-*`` by a process that no longer runs); returns them."""
+    removed = []
+    parent = out.parent
+    if not parent.is_dir():
+        return removed
+    for p in parent.glob(f"{TMP_PREFIX}{out.name}-*"):
+        pid = p.name[len(f"{TMP_PREFIX}{out.name}-"):].split("-", 1)[0]
+        if p.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_manifest(root: Path, fmt: str, config: WorldConfig, **extra) -> None:

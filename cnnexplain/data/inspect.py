@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from cnnexplain.data.broden import BrodenDataset
 from cnnexplain.data.datasets import (
     CIFAR10, CIFAR100, DATASET_KINDS, ArrayDataset, ImageFileDataset, find_dir, image_files,
     list_concept_folders, open_dataset, parse_spec)
 from cnnexplain.data.export import MANIFEST
+from cnnexplain.data.files import Confinement, FilePolicy, open_image
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.data.synthetic import ONTOLOGY, SPLIT_OFFSETS, WorldConfig, render
 from cnnexplain.errors import CnnexplainError
@@ -38,12 +38,13 @@ def _row(group: str, name: str, count=None, detail: str = "") -> dict:
             "detail": detail}
 
 
-def _size_rows(files: list[Path]) -> list[dict]:
-    """Image sizes from headers (at most MAX_HEADERS files), most common first."""
+def _size_rows(files: list[Path], policy: FilePolicy) -> list[dict]:
+    """Image sizes from headers (at most MAX_HEADERS files), most common first; an image over
+    the policy's pixel limit is a one-line error naming it (:mod:`cnnexplain.data.files`)."""
     sizes: Counter = Counter()
     for p in files[:MAX_HEADERS]:
         try:
-            with Image.open(p) as im:
+            with open_image(p, policy) as im:
                 sizes[f"{im.width}x{im.height} {im.mode}"] += 1
         except (OSError, ValueError, SyntaxError):
             sizes["unreadable"] += 1
@@ -54,7 +55,7 @@ def _size_rows(files: list[Path]) -> list[dict]:
 # -- synthetic --------------------------------------------------------------------------------
 
 
-def _inspect_synthetic(spec: str) -> list[dict]:
+def _inspect_synthetic(spec: str, policy: FilePolicy) -> list[dict]:
     cfg = WorldConfig.from_spec(spec)
     rows = [_row("dataset", "format", None, "synthetic world"),
             _row("dataset", "spec", None, cfg.to_spec()),
@@ -84,8 +85,8 @@ def _inspect_synthetic(spec: str) -> list[dict]:
 # -- Broden -----------------------------------------------------------------------------------
 
 
-def _inspect_broden(root: str) -> list[dict]:
-    ds = BrodenDataset(root)
+def _inspect_broden(root: str, policy: FilePolicy) -> list[dict]:
+    ds = BrodenDataset(root, files=policy)
     rows = [_row("dataset", "format", None, f"Broden at {ds.root}"),
             _row("dataset", "images", len(ds)),
             _row("size", f"{ds.image_size[1]}x{ds.image_size[0]}", None,
@@ -115,7 +116,7 @@ def _inspect_broden(root: str) -> list[dict]:
 # -- labelled datasets (CIFAR, STL-10, image folders) -----------------------------------------
 
 
-def _inspect_labelled(spec: str) -> list[dict]:
+def _inspect_labelled(spec: str, policy: FilePolicy) -> list[dict]:
     """Images per split and per class, and image sizes, of a spec opened with open_dataset."""
     kind, _ = parse_spec(spec)
     rows = [_row("dataset", "format", None, kind.help), _row("dataset", "spec", None, spec)]
@@ -124,7 +125,8 @@ def _inspect_labelled(spec: str) -> list[dict]:
     for split in ("train", "val", "test"):
         try:
             # resize: skip the header scan that rejects mixed sizes (summarised below instead)
-            ds = open_dataset(spec, split=split, preprocessing=Preprocessing(resize=32))
+            ds = open_dataset(spec, split=split, preprocessing=Preprocessing(resize=32),
+                              files=policy)
         except CnnexplainError as exc:
             if split == "train":
                 raise
@@ -136,7 +138,7 @@ def _inspect_labelled(spec: str) -> list[dict]:
         rows.append(_row("split", split, len(ds)))
     first = opened[0]
     if isinstance(first, ImageFileDataset):
-        rows += _size_rows([f for ds in opened for f in ds.files])
+        rows += _size_rows([f for ds in opened for f in ds.files], policy)
     else:
         rows.append(_row("size", f"{first.images.shape[-1]}x{first.images.shape[-2]} RGB", None,
                          "width x height"))
@@ -149,16 +151,17 @@ def _inspect_labelled(spec: str) -> list[dict]:
 # -- TCAV concept folders ---------------------------------------------------------------------
 
 
-def _inspect_concepts(root: str) -> list[dict]:
-    found = list_concept_folders(root)
+def _inspect_concepts(root: str, policy: FilePolicy) -> list[dict]:
+    found = list_concept_folders(root, policy)
     rows = [_row("dataset", "format", None, f"TCAV concept folders at {root}")]
     all_files = []
+    confined = Confinement(root, policy)
     for group, names in (("concept", found["concepts"]), ("random", found["randoms"])):
         for n in names:
-            files = image_files(Path(root) / n)
+            files = [confined.check(p, "image") for p in image_files(Path(root) / n)]
             all_files += files
             rows.append(_row(group, n, len(files), f"{Path(root) / n}"))
-    return rows + _size_rows(all_files)
+    return rows + _size_rows(all_files, policy)
 
 
 # -- detection --------------------------------------------------------------------------------
@@ -173,11 +176,11 @@ def _manifest_format(p: Path) -> str | None:
 
 @dataclass(frozen=True)
 class Detector:
-    """A directory format: ``matches(path)`` and the spec-free ``inspect(path)``."""
+    """A directory format: ``matches(path)`` and the spec-free ``inspect(path, policy)``."""
 
     name: str
     matches: Callable[[Path], bool]
-    inspect: Callable[[str], list[dict]]
+    inspect: Callable[[str, FilePolicy], list[dict]]
 
 
 def _has_dir(p: Path, *names: str) -> bool:
@@ -192,32 +195,35 @@ DETECTORS: list[Detector] = [
     Detector("broden", lambda p: (p / "index.csv").is_file() and (p / "label.csv").is_file(),
              _inspect_broden),
     Detector("cifar10", lambda p: _has_dir(p, CIFAR10.py_dir, CIFAR10.bin_dir),
-             lambda r: _inspect_labelled(f"cifar10:{r}")),
+             lambda r, f: _inspect_labelled(f"cifar10:{r}", f)),
     Detector("cifar100", lambda p: _has_dir(p, CIFAR100.py_dir, CIFAR100.bin_dir),
-             lambda r: _inspect_labelled(f"cifar100:{r}")),
+             lambda r, f: _inspect_labelled(f"cifar100:{r}", f)),
     Detector("stl10", lambda p: _has_dir(p, "stl10_binary"),
-             lambda r: _inspect_labelled(f"stl10:{r}")),
+             lambda r, f: _inspect_labelled(f"stl10:{r}", f)),
     Detector("concepts", lambda p: _manifest_format(p) == "concepts" or _has_random_folders(p),
              _inspect_concepts),
-    Detector("imagefolder", lambda p: True, lambda r: _inspect_labelled(f"imagefolder:{r}")),
+    Detector("imagefolder", lambda p: True,
+             lambda r, f: _inspect_labelled(f"imagefolder:{r}", f)),
 ]
 
-SPEC_INSPECTORS: dict[str, Callable[[str], list[dict]]] = {
+SPEC_INSPECTORS: dict[str, Callable[[str, FilePolicy], list[dict]]] = {
     "synthetic": _inspect_synthetic,
-    "broden": lambda spec: _inspect_broden(spec.partition(":")[2]),
+    "broden": lambda spec, f: _inspect_broden(spec.partition(":")[2], f),
 }
 
 
-def inspect_dataset(path_or_spec: str) -> list[dict]:
+def inspect_dataset(path_or_spec: str, files: FilePolicy | None = None) -> list[dict]:
     """Summary rows ``{"group", "name", "count", "detail"}`` of a dataset spec or a directory
-    (an existing directory wins over a spec of the same name)."""
+    (an existing directory wins over a spec of the same name). ``files``: symlinks and the
+    decoding limit (:class:`~cnnexplain.data.files.FilePolicy`), as the commands read them."""
     text = str(path_or_spec).strip()
     path = Path(text).expanduser()
+    policy = files or FilePolicy()
     if path.is_dir():
-        return next(d for d in DETECTORS if d.matches(path)).inspect(str(path))
+        return next(d for d in DETECTORS if d.matches(path)).inspect(str(path), policy)
     if ":" not in text and text not in DATASET_KINDS:
         raise CnnexplainError(f"{text} is neither a directory nor a dataset spec",
                               "pass an existing directory or one of "
                               + ", ".join(k.usage for k in DATASET_KINDS.values()))
     kind, _ = parse_spec(text)
-    return SPEC_INSPECTORS.get(kind.prefix, _inspect_labelled)(text)
+    return SPEC_INSPECTORS.get(kind.prefix, _inspect_labelled)(text, policy)

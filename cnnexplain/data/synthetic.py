@@ -39,6 +39,7 @@ Dataset spec grammar (``dataset``; keys in any order, each at most once except `
       correlate=CONCEPT@CLASS=STRENGTH   e.g. correlate=red-c@star=0.9 (repeatable)
       hans=CLASS@STRENGTH                e.g. hans=star@0.8
       second=PROB        probability of a second object of another class (default 0)
+      fresh=0|1          1 (default): training draws n new images every epoch; 0: the same n
 
 e.g. ``synthetic:n=600,res=32,seed=1,correlate=red-c@star=0.9,hans=star@0.8,second=0.3``.
 """
@@ -55,7 +56,7 @@ import torch
 from cnnexplain import __version__
 from cnnexplain.data.base import ImageDataset
 from cnnexplain.data.preprocessing import Preprocessing
-from cnnexplain.errors import UsageError, close_matches
+from cnnexplain.errors import CnnexplainError, UsageError, close_matches
 from cnnexplain.fingerprint import digest_parts
 
 # Bump when rendering changes: it is part of every synthetic dataset's fingerprint.
@@ -379,7 +380,9 @@ class WorldConfig:
     export writes); ``num_val`` / ``num_test``: sizes of the val / test splits (default
     ``max(1, num_images // 5)``); ``correlations``: ``(concept, class, strength)`` triples;
     ``clever_hans``: ``(class, strength)`` or None; ``second_object``: probability of a second
-    object of another class.
+    object of another class; ``fresh``: training draws ``num_images`` new images every epoch
+    (the world is procedural: epoch ``e`` trains on world indices ``e n .. (e + 1) n - 1``), so
+    a model cannot memorize its training images; False: the same ``num_images`` every epoch.
     """
 
     num_images: int = 2000
@@ -391,6 +394,7 @@ class WorldConfig:
     second_object: float = 0.0
     num_val: int | None = None
     num_test: int | None = None
+    fresh: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "classes", tuple(self.classes))
@@ -466,7 +470,7 @@ class WorldConfig:
                 "correlations": [list(c) for c in self.correlations],
                 "clever_hans": list(self.clever_hans) if self.clever_hans else None,
                 "second_object": self.second_object, "num_val": self.num_val,
-                "num_test": self.num_test}
+                "num_test": self.num_test, "fresh": self.fresh}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "WorldConfig":
@@ -491,6 +495,8 @@ class WorldConfig:
             parts.append(f"hans={self.clever_hans[0]}@{self.clever_hans[1]:g}")
         if self.second_object:
             parts.append(f"second={self.second_object:g}")
+        if not self.fresh:
+            parts.append("fresh=0")
         return "synthetic" + (":" + ",".join(parts) if parts else "")
 
     @classmethod
@@ -546,6 +552,7 @@ _SPEC_KEYS: dict[str, tuple[str, Callable]] = {
     "correlate": ("correlations", _parse_correlation),
     "hans": ("clever_hans", _parse_hans),
     "second": ("second_object", lambda t: _prob("second", t)),
+    "fresh": ("fresh", lambda t: bool(_int("fresh", t, 0))),
 }
 
 
@@ -910,6 +917,7 @@ class SyntheticDataset(ImageDataset):
     ``image_labels`` int32 [2] per ``image_label_categories``, ``has_category`` bool [6].
     """
 
+
     layer_categories = [c for c in PIXEL_CATEGORIES for _ in range(LAYERS[c])]
     image_label_categories = list(IMAGE_CATEGORIES)
     categories = list(CATEGORIES)
@@ -929,6 +937,26 @@ class SyntheticDataset(ImageDataset):
         self.offset = SPLIT_OFFSETS[split]
         self.class_names = list(config.classes)
         self.spec = config.to_spec()
+
+    @property
+    def augmentation(self) -> str:
+        """The classes are shapes drawn at any rotation, so flips and quarter turns keep them
+        (dihedral); with fresh images every epoch there is nothing to gain (none)."""
+        return "none" if self.world.fresh and self.split == "train" else "dihedral"
+
+    def epoch_view(self, epoch: int) -> "SyntheticDataset":
+        """The training images of ``epoch``: new world images when the world is ``fresh``
+        (world indices shifted by ``epoch * len(self)``), else this dataset."""
+        if not (self.world.fresh and self.split == "train") or epoch == 0:
+            return self
+        view = SyntheticDataset(self.config, self.split, self.preprocessing, self.limit,
+                                self.concepts)
+        view.offset = self.offset + int(epoch) * self.size
+        if view.offset + view.size > SPLIT_OFFSETS["val"]:
+            raise CnnexplainError(f"the synthetic world has no fresh training images left for "
+                                  f"epoch {epoch + 1}", "use fewer epochs or `dataset` with "
+                                  "fresh=0")
+        return view
 
     @property
     def label_names(self) -> list[str]:

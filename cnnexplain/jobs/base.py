@@ -47,6 +47,7 @@ class Session:
     use_cache: bool = True
     started: float = field(default_factory=time.time)
     _cache: Any = None
+    _lock: Any = None
 
     @property
     def layout(self) -> RunLayout:
@@ -76,10 +77,19 @@ class Session:
         if compute is not None:
             seed_everything(seed)
         dist = init_distributed(device) if compute is not None else Dist()
-        return cls(command=command, out=out, device=device, seed=seed, dist=dist,
-                   progress=progress or silent(), notice=notice or (lambda m: None),
-                   cache_dir=getattr(compute, "cache_dir", None),
-                   use_cache=not getattr(compute, "no_cache", False))
+        session = cls(command=command, out=out, device=device, seed=seed, dist=dist,
+                      progress=progress or silent(), notice=notice or (lambda m: None),
+                      cache_dir=getattr(compute, "cache_dir", None),
+                      use_cache=not getattr(compute, "no_cache", False))
+        if dist.is_main:  # the ranks of one torchrun job share their run directory
+            session._lock = runs.hold(out, command)
+        return session
+
+    def close(self) -> None:
+        """Let other commands use the run directory again."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 @dataclass
@@ -155,6 +165,7 @@ def execute(job: ModuleType, options: Any, session: Session | None = None, *,
         record(session, options, output, write=getattr(job, "RECORD", True))
         return output
     finally:
+        session.close()
         if session.dist.enabled:
             from cnnexplain.runtime import shutdown_distributed
 

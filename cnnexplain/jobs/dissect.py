@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from cnnexplain.config.dissect import DissectOptions
 from cnnexplain.errors import UsageError
 from cnnexplain.jobs.base import Output, Session
-from cnnexplain.jobs.resolve import Resolved, resolve
+from cnnexplain.jobs.resolve import Resolved, file_policy, resolve
 
 COMMAND = "dissect"
 
@@ -33,14 +33,17 @@ def plan(options: DissectOptions, session: Session) -> Plan:
     from cnnexplain.models.gates import gate_matrix
     from cnnexplain.models.layers import parse_layers
 
+    from cnnexplain.data.broden import image_side
+
     root = options.data.root()
     resolved = resolve(options.model, options.prep, None, device=session.device,
-                       seed=session.seed, keep_size=True,
-                       several_layers=True)
+                       seed=session.seed, keep_size=True, several_layers=True,
+                       input_side=image_side(root))
     loaded, prep = resolved.loaded, resolved.preprocessing
     layers = parse_layers(options.model.layer) or [loaded.layer]
     data = open_dataset(f"broden:{root}", options.data.split, prep, limit=options.data.limit,
-                        categories=options.data.category_list())
+                        categories=options.data.category_list(),
+                        files=file_policy(options.files))
     plans = plan_layers(loaded.model, layers, data, prep, session.device)
     check_memory(plans, len(data), options.config)
     matrix = gate_matrix(loaded)
@@ -80,7 +83,11 @@ def run(plan: Plan, session: Session):
 
 
 def write(plan: Plan, computed, session: Session) -> Output:
-    """dissect/tally.csv, summary.csv, iou.h5, clusters.csv, the PNGs and index.html."""
+    """dissect/tally.csv, summary.csv, iou.h5, clusters.csv, the PNGs and index.html; with
+    ``negative`` / ``rotate`` also each view's tally, summary and iou files and rotation.csv.
+    The summary's headline counts are the positive, unrotated layer's; ``negative`` and
+    ``rotated`` add that view's per-layer counts and the last layer's
+    ``detectors_<view>`` / ``unique_concepts_<view>``."""
     from cnnexplain.explain.dissect.report import write_dissection
     from cnnexplain.explain.dissect.run import image_loader
 
@@ -98,6 +105,15 @@ def write(plan: Plan, computed, session: Session) -> Output:
                "layers": result.summary(), "report": str(session.layout.dissect_index)}
     last = result.summary()[plan.layers[-1]]
     summary.update({"detectors": last["detectors"], "unique_concepts": last["unique_concepts"]})
+    for view in result.variants:
+        counts = result.summary(view)
+        summary[view] = counts
+        if plan.layers[-1] in counts:
+            summary[f"detectors_{view}"] = counts[plan.layers[-1]]["detectors"]
+            summary[f"unique_concepts_{view}"] = counts[plan.layers[-1]]["unique_concepts"]
+    if "rotated" in result.variants:
+        summary["rotate"] = config.rotate
+        summary["rotation"] = str(session.layout.dissect_rotation)
     if clusters is not None:
         summary["clusters"] = [{k: r[k] for k in ("class_name", "channels", "detectors",
                                                   "unique_concepts")} for r in clusters]

@@ -10,7 +10,7 @@ from pathlib import Path
 from cnnexplain.config.evaluate import EvaluateOptions
 from cnnexplain.errors import CnnexplainError, UsageError, close_matches
 from cnnexplain.jobs.base import Output, Session
-from cnnexplain.jobs.resolve import Resolved, resolve
+from cnnexplain.jobs.resolve import Resolved, file_policy, resolve
 
 COMMAND = "evaluate-entanglement"
 
@@ -63,7 +63,7 @@ def plan(options: EvaluateOptions, session: Session) -> Plan:
             raise UsageError(f"bound {text}: {name} is not computed with `scores=false`",
                              "drop `scores=false` or the bound")
     resolved = resolve(options.model, options.prep, options.data, device=session.device,
-                       seed=session.seed)
+                       seed=session.seed, files=file_policy(options.files))
     layer = options.model.layer or resolved.layer
     get_module(resolved.loaded.model, layer)
     session.cache  # a cache directory that is a file fails here, before anything is computed

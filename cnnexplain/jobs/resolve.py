@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cnnexplain.config.common import DataOptions, ModelOptions, PrepOptions
+from cnnexplain.config.common import DataOptions, FileOptions, ModelOptions, PrepOptions
 from cnnexplain.config.fields import parse_triplet
 from cnnexplain.errors import UsageError, close_matches
 
@@ -28,6 +28,14 @@ def preprocessing(prep: PrepOptions, recorded=None):
     base = recorded or Preprocessing()
     return base.replace(resize=prep.resize, mean=parse_triplet(prep.mean),
                         std=parse_triplet(prep.std))
+
+
+def file_policy(files: FileOptions | None):
+    """The run's :class:`~cnnexplain.data.files.FilePolicy` (symlinks, decoding limit) from its
+    ``files`` options (None: the defaults)."""
+    from cnnexplain.data.files import FilePolicy
+
+    return FilePolicy.of(files)
 
 
 def load_recorded(model: ModelOptions):
@@ -85,13 +93,16 @@ class Resolved:
 
 def resolve(model: ModelOptions, prep: PrepOptions, data: DataOptions | None = None, *,
             device="cpu", seed: int = 0, keep_size: bool = False,
-            several_layers: bool = False) -> Resolved:
+            several_layers: bool = False, input_side: int | None = None,
+            files=None) -> Resolved:
     """Load the model and open the data the options name (see the module docstring).
 
     ``data``: the split to open (None: the job reads its own inputs, e.g. image files);
     ``keep_size``: ignore a recorded resize (Broden images keep their size unless ``resize``
     is given); ``several_layers``: ``model.layer`` is a comma-separated list the job checks
-    itself (``layer`` is then the default layer)."""
+    itself (``layer`` is then the default layer); ``input_side``: the side of the job's own
+    inputs, for a backbone's default stem (else the dataset's, or ``resize``); ``files``: the
+    :class:`~cnnexplain.data.files.FilePolicy` the data is read with (None: the defaults)."""
     from cnnexplain.data.datasets import open_dataset
     from cnnexplain.data.preprocessing import Preprocessing
     from cnnexplain.models.loading import load_model
@@ -112,9 +123,10 @@ def resolve(model: ModelOptions, prep: PrepOptions, data: DataOptions | None = N
     class_names = None
     if model.checkpoint is None and data is not None:
         # a backbone's head is sized by the dataset's classes
-        dataset = open_dataset(spec, split, prep_, limit=limit, seed=seed, val_fraction=fraction)
+        dataset = open_dataset(spec, split, prep_, limit=limit, seed=seed, val_fraction=fraction,
+                               files=files)
         class_names = list(getattr(dataset, "class_names", []) or []) or None
-    side = prep_.resize
+    side = prep_.resize or input_side
     if side is None and model.checkpoint is None and dataset is not None and len(dataset):
         first = dataset[0]["image"]
         side = min(int(first.shape[-2]), int(first.shape[-1]))
@@ -125,7 +137,8 @@ def resolve(model: ModelOptions, prep: PrepOptions, data: DataOptions | None = N
                         preprocessing=prep_, stem=getattr(model, "stem", None),
                         input_side=side)
     if dataset is None and data is not None:
-        dataset = open_dataset(spec, split, prep_, limit=limit, seed=seed, val_fraction=fraction)
+        dataset = open_dataset(spec, split, prep_, limit=limit, seed=seed, val_fraction=fraction,
+                               files=files)
     return Resolved(loaded=loaded, preprocessing=prep_, layer=loaded.layer,
                     gate_layer=gate_layer(meta), data=dataset, spec=spec, val_fraction=fraction)
 

@@ -7,7 +7,7 @@ import dataclasses
 
 from cnnexplain.config.saliency import SaliencyOptions
 from cnnexplain.jobs.base import Output, Session
-from cnnexplain.jobs.resolve import resolve
+from cnnexplain.jobs.resolve import file_policy, resolve
 
 COMMAND = "saliency"
 
@@ -28,13 +28,15 @@ def plan(options: SaliencyOptions, session: Session):
     target = TargetSpec.parse(o.target)
     sources = data.sources()
     from_data = not sources or sources[0] == "dataset"
+    files = file_policy(o.files)
     resolved = resolve(o.model, o.prep, data if from_data else None, device=session.device,
-                       seed=session.seed)
+                       seed=session.seed, files=files)
     loaded = resolved.loaded
     if data.inputs is not None:
         images = from_npy(data.inputs, min_size=1)
     elif data.image_items():
-        images = from_images(data.image_items(), loaded.preprocessing, session.progress)
+        images = from_images(data.image_items(), loaded.preprocessing, session.progress,
+                             files=files)
     else:
         images = from_opened(resolved.data, data.split, loaded.preprocessing,
                              batch_size=max(data.batch_size, 32), progress=session.progress)
@@ -87,8 +89,26 @@ def write(plan, outcome, session: Session) -> Output:
     if p.overlays > 0:
         paths += write_pngs(layout.saliency, o.results, display_images(p),
                             o.image_index.numpy(), o.targets.numpy(), p.images.names,
-                            p.loaded.class_name, p.overlays, session.progress)
+                            p.loaded.class_name, p.overlays, session.progress,
+                            boxes=truth_boxes(p.images, o.image_index, o.targets))
     summary = {**o.summary(), "layer": p.layer, "target": p.target.text,
                "outputs": [str(x) for x in paths[:3]]}
     return Output(summary=summary, paths=paths, model=p.loaded, data=p.images.describe,
                   result=o)
+
+
+def truth_boxes(images, image_index, targets) -> list | None:
+    """Per explained pair, the ground-truth box of the target class's object in its image (the
+    main object's, or the second object's), None where the class is absent; None without truth."""
+    t = images.truth
+    if t is None or images.labels is None:
+        return None
+    out = []
+    for i, c in zip(image_index.tolist(), targets.tolist()):
+        if int(images.labels[i]) == c:
+            out.append(t["box"][i].tolist())
+        elif "second_label" in t and int(t["second_label"][i]) == c:
+            out.append(t["second_box"][i].tolist())
+        else:
+            out.append(None)
+    return out

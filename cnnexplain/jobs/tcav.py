@@ -11,7 +11,7 @@ from pathlib import Path
 from cnnexplain.config.tcav import TcavOptions
 from cnnexplain.errors import UsageError
 from cnnexplain.jobs.base import Output, Session
-from cnnexplain.jobs.resolve import Resolved, resolve, resolve_classes
+from cnnexplain.jobs.resolve import Resolved, file_policy, resolve, resolve_classes
 
 COMMAND = "tcav"
 
@@ -39,7 +39,9 @@ def class_inputs(options: TcavOptions, resolved: Resolved):
     if not folder.is_dir():
         raise UsageError(f"`class_images` {folder} is not a directory",
                          "pass a folder of images of the target class")
-    return concept_images(folder.parent, folder.name, resolved.preprocessing, options.data.limit)
+    folder = folder.resolve()  # the folder is named by the user: its own link is followed
+    return concept_images(folder.parent, folder.name, resolved.preprocessing, options.data.limit,
+                          file_policy(options.files))
 
 
 def plan(options: TcavOptions, session: Session) -> Plan:
@@ -52,7 +54,7 @@ def plan(options: TcavOptions, session: Session) -> Plan:
     o = options
     from_split = o.data.class_images is None
     resolved = resolve(o.model, o.prep, o.data if from_split else None, device=session.device,
-                       seed=session.seed, several_layers=True)
+                       seed=session.seed, several_layers=True, files=file_policy(o.files))
     inputs = class_inputs(o, resolved)
     loaded = resolved.loaded
     names = loaded.class_names or list(getattr(inputs, "class_names", []) or [])
@@ -61,7 +63,8 @@ def plan(options: TcavOptions, session: Session) -> Plan:
     check_layers(loaded.model, layers)
     concepts = o.concepts.names()
     if o.concepts.concepts_dir is not None and not concepts:
-        concepts = list_concept_folders(o.concepts.concepts_dir)["concepts"]
+        concepts = list_concept_folders(o.concepts.concepts_dir,
+                                        file_policy(o.files))["concepts"]
         if not concepts:
             raise UsageError(f"{o.concepts.concepts_dir} holds no concept folders (only "
                              "random_* ones)", "add a folder of images per concept")
@@ -79,11 +82,12 @@ def run(plan: Plan, session: Session):
     needed = plan.config.random_runs + 1
     if o.concepts.concepts_dir is not None:
         sets = folder_concept_sets(o.concepts.concepts_dir, plan.concepts, random_sets=needed,
-                                   preprocessing=prep, per_set=o.concepts.images_per_set)
+                                   preprocessing=prep, per_set=o.concepts.images_per_set,
+                                   files=file_policy(o.files))
     else:
         from cnnexplain.data.broden import BrodenDataset
 
-        broden = BrodenDataset(o.concepts.broden, preprocessing=prep)
+        broden = BrodenDataset(o.concepts.broden, preprocessing=prep, files=file_policy(o.files))
         sets = broden_concept_sets(broden, plan.concepts, random_sets=needed,
                                    per_set=o.concepts.images_per_set or 50,
                                    min_coverage=o.concepts.min_coverage, seed=session.seed,

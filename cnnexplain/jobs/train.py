@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from cnnexplain.config.train import TrainOptions
 from cnnexplain.errors import UsageError
 from cnnexplain.jobs.base import Output, Session
-from cnnexplain.jobs.resolve import preprocessing
+from cnnexplain.jobs.resolve import file_policy, preprocessing
 
 COMMAND = "train-gated"
 
@@ -43,10 +43,11 @@ def plan(options: TrainOptions, session: Session) -> Plan:
 
     config, data = options.config, options.data
     prep = preprocessing(options.prep)
+    files = file_policy(options.files)
     train = open_dataset(data.dataset, "train", prep, limit=data.limit, seed=session.seed,
-                         val_fraction=config.val_fraction)
+                         val_fraction=config.val_fraction, files=files)
     val = open_dataset(data.dataset, "val", prep, limit=data.limit, seed=session.seed,
-                       val_fraction=config.val_fraction)
+                       val_fraction=config.val_fraction, files=files)
     class_names = list(train.class_names)
     check_cache_writable(session)
     data_info = {"spec": getattr(train, "spec", data.dataset), "fingerprint": train.fingerprint(),
@@ -81,12 +82,14 @@ def write(plan: Plan, result, session: Session) -> Output:
                   f"({matrix.shape[0]} channels x {matrix.shape[1]} classes)"))
         gate_info = cache_gate(session.cache, result, config, trainer.class_names)
     last = result.last
-    summary = {"method": config.method, "backbone": config.backbone, "layer": result.layer,
+    summary = {"method": config.method, "backbone": config.backbone, "stem": config.stem,
+               "layer": result.layer,
                "epochs": config.epochs, "resumed_from_epoch": result.resumed_from,
                "best_epoch": result.best_epoch, "best_val_acc1": result.best_val_acc1,
                **{k: last.get(k) for k in ("train_acc1", "train_gated_acc", "val_acc1", "val_acc2",
                                            "val_acc3", "gate_density", "gate_peakedness", "loss")},
                "checkpoint": str(result.checkpoint), "best": str(result.best), **gate_info}
     model = {"backbone": config.backbone, "layer": result.layer, "method": config.method,
-             "insert_conv": config.insert_conv, "num_classes": config.num_classes}
+             "insert_conv": config.insert_conv, "num_classes": config.num_classes,
+             "stem": config.stem, "preset": config.preset}
     return Output(summary=summary, paths=paths, model=model, data=plan.train_data, result=result)

@@ -33,13 +33,16 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cnnexplain.models.gates import R0P1Gate, R1P1Gate, apply_mask, class_clusters, peakedness
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Tail = Callable[[torch.Tensor], torch.Tensor]
 

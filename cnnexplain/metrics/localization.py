@@ -59,6 +59,16 @@ def pointing_game(maps, boxes=None, masks=None) -> np.ndarray:
     return mk[np.arange(mk.shape[0]), rows, cols] != 0
 
 
+def box_fraction(boxes, size: tuple[int, int]) -> np.ndarray:
+    """``[N]``: the share of an ``H x W`` image that each box ``(x0, y0, x1, y1)`` (end
+    exclusive) covers, the probability that a uniformly random point hits it (the pointing
+    game's random baseline)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    h, w = int(size[0]), int(size[1])
+    area = np.clip(b[:, 2] - b[:, 0], 0, w) * np.clip(b[:, 3] - b[:, 1], 0, h)
+    return area / float(h * w)
+
+
 def energy_sets(maps, fraction: float) -> np.ndarray:
     """bool ``[N, H, W]``: the smallest set of highest pixels whose positive values sum to at
     least ``fraction`` of the map's energy (empty where the map has no positive value)."""

@@ -15,6 +15,7 @@ from cnnexplain.io import write_bytes, write_csv, write_text
 from cnnexplain.layout import RunLayout
 from cnnexplain.report import html as H
 from cnnexplain.report import plots
+from cnnexplain.report import verdicts as V
 from cnnexplain.report.collect import RunResults, collect
 from cnnexplain.report.summary import metric_matrix, summary_frame
 
@@ -26,6 +27,7 @@ class Report:
     metrics: pd.DataFrame | None
     index: Path
     files: list[Path]
+    checks: list = None
 
 
 def _dissect_matrix(runs: list[RunResults]) -> pd.DataFrame | None:
@@ -67,9 +69,19 @@ def build_report(runs: list[RunResults], out: Path, progress=None) -> Report:
     write_csv(layout.report_summary, summary)
     files.append(layout.report_summary)
     metrics = metric_matrix(runs)
+    checks = V.verdicts(runs)
+    write_csv(layout.report_checks, V.frame(checks))
+    files.append(layout.report_checks)
+
+    def said(section: str) -> str:
+        return H.verdicts([v for v in checks if v.section == section])
 
     sections: list[tuple[str, str, str]] = []
     show = summary.drop(columns=["path"], errors="ignore")
+    sections.append(("checks", "What you should see", H.verdicts(checks, with_section=True) +
+                     "<p class=\"muted\">Each check compares a result with what a working "
+                     "method shows on these runs (report/checks.csv); a check that is not seen "
+                     "means the pictures below are not evidence.</p>"))
     sections.append(("summary", "Summary", H.table(show) +
                      "<p class=\"muted\">One row per run; the same table is report/summary.csv.</p>"))
     if metrics is not None:
@@ -77,9 +89,19 @@ def build_report(runs: list[RunResults], out: Path, progress=None) -> Report:
             metrics.loc[[m for m in metrics.index if str(m).upper().startswith(("ACC", "MIS"))]]
             if any(str(m).upper().startswith(("ACC", "MIS")) for m in metrics.index) else metrics,
             "entanglement metrics by run", "value"))
-        sections.append(("entanglement", "Channel-class entanglement",
+        heat = ""
+        for r in runs:
+            if r.entanglement_ablation is not None:
+                png = save_png(f"ablation-{_slug(r.name)}.png", plots.ablation_heatmap(
+                    r.entanglement_ablation, f"{r.name}: accuracy with a cluster removed"))
+                heat += H.img(png, r.name + " cluster ablation")
+        sections.append(("entanglement", "Channel-class entanglement", said("entanglement") +
                          H.table(metrics.reset_index().rename(columns={"index": "metric"})) +
-                         H.img(chart, "entanglement metrics by run")))
+                         H.img(chart, "entanglement metrics by run") +
+                         (f"<h3>Removing one class's cluster (row) on each class's images "
+                          f"(column)</h3><p class=\"muted\">A class-specific model darkens "
+                          f"only the diagonal: removing a class's channels removes that class "
+                          f"and no other.</p><div class=\"row\">{heat}</div>" if heat else "")))
     train_body = ""
     for r in runs:
         if r.train_log is None and r.gate_png is None:
@@ -89,13 +111,18 @@ def build_report(runs: list[RunResults], out: Path, progress=None) -> Report:
         train_body += (f"<h3>{H.esc(r.name)}</h3><div class=\"row\">"
                        f"{H.img(curves, r.name + ' training curves')}"
                        f"{H.img(r.gate_png, r.name + ' gate matrix')}</div>")
-    sections.append(("training", "Training", train_body))
+    sections.append(("training", "Training", said("training") + train_body))
     sal = ""
     for r in runs:
         if r.saliency_eval is None and r.saliency_grid is None:
             continue
         sal += (f"<h3>{H.esc(r.name)}</h3>{H.table(r.saliency_eval)}"
                 f"{H.img(r.saliency_grid, r.name + ' saliency grid')}")
+    if sal:
+        sal = (said("saliency") + "<p class=\"muted\">Green box: the explained class's object; "
+               "white cross: the map's maximum (the pointing game's point). For a gated model, "
+               "gated-cam is Grad-CAM from the class's own channel cluster and "
+               "gated-cam-complement from all other channels (Guo et al. 2024, fig. 7).</p>" + sal)
     sections.append(("saliency", "Saliency", sal))
     dis = ""
     dmatrix = _dissect_matrix(runs)
@@ -114,6 +141,8 @@ def build_report(runs: list[RunResults], out: Path, progress=None) -> Report:
                 + f"</div>{H.table(r.dissect_summary)}<h3>Top units</h3>{H.table(top)}"
                 + (f"<h3>Concepts per class cluster</h3>{H.table(r.dissect_clusters)}"
                    if r.dissect_clusters is not None else ""))
+    if dis:
+        dis = said("dissection") + dis
     sections.append(("dissection", "Network Dissection", dis))
     tc = ""
     for r in runs:
@@ -121,6 +150,8 @@ def build_report(runs: list[RunResults], out: Path, progress=None) -> Report:
             continue
         tc += (f"<h3>{H.esc(r.name)}</h3>{H.img(r.tcav_png, r.name + ' TCAV scores')}"
                f"{H.table(r.tcav, highlight_significant=True)}")
+    if tc:
+        tc = said("tcav") + tc
     sections.append(("tcav", "TCAV", tc))
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = H.page("cnnexplain report", f"{len(runs)} run(s): {', '.join(r.name for r in runs)} "
@@ -128,7 +159,8 @@ def build_report(runs: list[RunResults], out: Path, progress=None) -> Report:
     index = layout.report_index
     write_text(index, page)
     files.append(index)
-    return Report(runs=runs, summary=summary, metrics=metrics, index=index, files=files)
+    return Report(runs=runs, summary=summary, metrics=metrics, index=index, files=files,
+                  checks=checks)
 
 
 def _slug(name: str) -> str:

@@ -24,6 +24,7 @@ class RunResults:
     gate_png: Path | None = None
     entanglement: pd.DataFrame | None = None
     entanglement_per_class: pd.DataFrame | None = None
+    entanglement_ablation: pd.DataFrame | None = None
     saliency_eval: pd.DataFrame | None = None
     saliency_grid: Path | None = None
     dissect_summary: pd.DataFrame | None = None
@@ -92,6 +93,7 @@ def collect(run_dir: str | Path, notice: Callable[[str], None] = lambda m: None)
     res.gate_png = _png(layout.gate_png)
     res.entanglement = _csv(layout.entanglement, notice)
     res.entanglement_per_class = _csv(layout.entanglement_per_class, notice)
+    res.entanglement_ablation = _csv(layout.entanglement_ablation, notice)
     res.saliency_eval = _csv(layout.saliency_evaluation, notice)
     res.saliency_grid = _png(layout.saliency_grid)
     res.dissect_summary = _csv(layout.dissect_summary, notice)

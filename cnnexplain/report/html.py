@@ -21,6 +21,8 @@ table{border-collapse:collapse;font-size:12.5px;margin:6px 0 10px}
 th,td{border-bottom:1px solid #e3e6eb;padding:4px 9px;text-align:right;white-space:nowrap}
 th{background:#eef1f5;text-align:center} td.t{text-align:left}
 .sig{color:#0a7d32;font-weight:600} .ns{color:#8a94a6}
+.v{font-size:13px;margin:3px 0} .v .ok{color:#0a7d32;font-weight:600} .v .bad{color:#b3261e;font-weight:600}
+.v .na{color:#8a94a6;font-weight:600}
 img{max-width:100%;border:1px solid #e3e6eb;border-radius:4px;margin:4px 0}
 .row{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
 .muted{color:#6b7485;font-size:12px} nav a{color:#b9c0cc;margin-right:14px;font-size:13px}
@@ -83,3 +85,15 @@ def page(title: str, subtitle: str, sections: list[tuple[str, str, str]]) -> str
             f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
             f"<header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p><nav>{nav}</nav></header>"
             f"<main>{body}</main></body></html>\n")
+
+
+def verdicts(items, with_section: bool = False) -> str:
+    """One line per check: what the user should see, and whether it was seen."""
+    out = []
+    for v in items:
+        cls = {True: "ok", False: "bad", None: "na"}[v.seen]
+        where = f"{esc(v.section)}, " if with_section else ""
+        out.append(f'<p class="v"><span class="{cls}">{esc(v.mark)}</span> '
+                   f"[{where}{esc(v.run)}] {esc(v.expect)} <span class=\"muted\">"
+                   f"({esc(v.detail)})</span></p>")
+    return "".join(out)

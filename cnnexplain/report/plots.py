@@ -88,3 +88,30 @@ def save_gate_heatmap(matrix: torch.Tensor, class_names: list[str], path: str | 
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return save_png(fig, path)
+
+
+def ablation_heatmap(frame: pd.DataFrame, title: str) -> bytes | None:
+    """Heatmap of entanglement_ablation.csv: accuracy on each class's images (columns) with
+    each class's cluster removed (rows)."""
+    if frame is None or frame.empty:
+        return None
+    names = [str(n) for n in frame.iloc[:, 0]]
+    values = frame.iloc[:, 1:].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    c = len(names)
+    fig = figure(max(3.6, 0.55 * c + 2.0), max(3.0, 0.5 * c + 1.4))
+    ax = fig.subplots()
+    im = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(values.shape[1]))
+    ax.set_xticklabels(list(frame.columns[1:]), rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(c))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_xlabel("images of class")
+    ax.set_ylabel("cluster removed")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if np.isfinite(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if values[i, j] < 0.5 else "black")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return _png(fig)

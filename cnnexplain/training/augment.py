@@ -24,4 +24,8 @@ def augment_batch(x: torch.Tensor, kind: str, g: torch.Generator, start: int = 0
         x = torch.stack([padded[i, :, int(dy):int(dy) + h, int(dx):int(dx) + w]
                          for i, (dy, dx) in enumerate(shifts.tolist())])
     flips = flips.to(x.device)
-    return torch.where(flips[:, None, None, None], x.flip(-1), x)
+    x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+    if kind == "dihedral" and h == w:
+        turns = torch.randint(0, 4, (total,), generator=g)[start:start + b].tolist()
+        x = torch.stack([torch.rot90(x[i], int(k), dims=(-2, -1)) for i, k in enumerate(turns)])
+    return x

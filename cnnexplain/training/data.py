@@ -26,6 +26,15 @@ class ImageLabel(Dataset):
             self.memo[i] = pair
         return pair
 
+    def for_epoch(self, epoch: int) -> "ImageLabel":
+        """The items of ``epoch``: a dataset that draws new images every epoch (the synthetic
+        world's ``epoch_view``) gives a new, unmemoized view; any other gives this one."""
+        view = getattr(self.dataset, "epoch_view", None)
+        if view is None:
+            return self
+        data = view(epoch)
+        return self if data is self.dataset else ImageLabel(data, memo=False)
+
 
 def _collate(items):
     return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])

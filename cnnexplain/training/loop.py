@@ -149,11 +149,20 @@ def wrong_mask_loss(logits: torch.Tensor) -> torch.Tensor:
     return (-logp.mean(dim=1) - math.log(logits.shape[1])).mean()
 
 
+DECAY_SHARE = 0.2
+"""Share of the steps over which the ``stable-decay`` schedule anneals."""
+
+
 def _lr_factor(schedule: str, step: int, total: int) -> float:
-    """Cosine from 1 to 0.001 over ``total`` steps, or constant 1 (a pure function of step)."""
+    """The learning-rate factor of ``step`` of ``total`` (a pure function of the step):
+    ``cosine`` from 1 to 0.001; ``stable-decay`` 1, then the same cosine over the last
+    :data:`DECAY_SHARE` of the steps (Hägele et al. 2024's warmup-stable-decay without warmup);
+    ``constant`` 1."""
     if schedule == "constant" or total <= 1:
         return 1.0
     t = min(max(step / (total - 1), 0.0), 1.0)
+    if schedule == "stable-decay":
+        t = max(0.0, (t - (1.0 - DECAY_SHARE)) / DECAY_SHARE)
     return 0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * t))
 
 
@@ -253,6 +262,8 @@ class Trainer:
         info.update({"train_images": len(train), "val_images": len(val) if val is not None else 0})
         ckpt_path = RunLayout(out).checkpoint
         config.stem = resolve_stem(config, train)
+        if config.augment == "auto":
+            config.augment = getattr(train, "augmentation", "none")
         state = None
         if resume:
             if not ckpt_path.is_file():
@@ -393,7 +404,8 @@ class Trainer:
     def _loader(self, epoch: int) -> DataLoader:
         sampler = EpochBatches(len(self.train_data), self.config.batch_size, self.config.seed,
                                epoch, self.dist.rank, self.dist.world_size)
-        return DataLoader(self.train_data, batch_sampler=sampler, num_workers=self.workers,
+        return DataLoader(self.train_data.for_epoch(epoch), batch_sampler=sampler,
+                          num_workers=self.workers,
                           collate_fn=_collate, generator=generator(self.config.seed, "loader", epoch),
                           pin_memory=self.device.type == "cuda")
 

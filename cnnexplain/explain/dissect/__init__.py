@@ -14,6 +14,7 @@ from cnnexplain.explain.dissect.quantiles import RadixSketch, TopCandidates
 from cnnexplain.explain.dissect.report import write_dissection
 from cnnexplain.explain.dissect.run import (
                                                QUANTILE_MODES,
+                                               VARIANTS,
                                                DissectConfig,
                                                DissectionResult,
                                                LayerResult,
@@ -21,6 +22,8 @@ from cnnexplain.explain.dissect.run import (
                                                dissect,
                                                image_loader,
                                                plan_layers,
+                                               rotate_maps,
+                                               rotation_matrix,
 )
 from cnnexplain.explain.dissect.tally import Tally, accumulate_tallies
 
@@ -28,4 +31,4 @@ __all__ = ["DEFAULT_IOU_THRESHOLD", "IOU_MODES", "QUANTILE_MODES", "ConceptSpace
            "DissectConfig", "DissectionResult", "LayerResult", "RadixSketch", "Tally",
            "TopCandidates", "UnitLabels", "accumulate_tallies", "check_memory", "cluster_rows",
            "detector_summary", "dissect", "image_loader", "iou", "label_units", "plan_layers",
-           "write_dissection"]
+           "rotate_maps", "rotation_matrix", "VARIANTS", "write_dissection"]

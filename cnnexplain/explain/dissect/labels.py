@@ -187,6 +187,22 @@ def detector_summary(labels: UnitLabels, categories: tuple[str, ...] | list[str]
     return rows
 
 
+def compare_detectors(base: UnitLabels, other: UnitLabels, categories: tuple[str, ...] | list[str],
+                      threshold: float, suffix: str = "rotated") -> list[dict]:
+    """:func:`detector_summary` of two views of one layer side by side, per category and
+    ``"all"``: ``detector_units``, ``unique_concepts`` of ``base`` and the same with
+    ``_<suffix>`` of ``other`` (Bau et al. 2017 section 3.2: the unrotated layer against its
+    random rotation)."""
+    rows = []
+    for a, b in zip(detector_summary(base, categories, threshold),
+                    detector_summary(other, categories, threshold)):
+        rows.append({"category": a["category"], "detector_units": a["detector_units"],
+                     "unique_concepts": a["unique_concepts"],
+                     f"detector_units_{suffix}": b["detector_units"],
+                     f"unique_concepts_{suffix}": b["unique_concepts"]})
+    return rows
+
+
 def tally_rows(labels: UnitLabels, tally: dict, mode: str, space: ConceptSpace) -> list[dict]:
     """NetDissect-Lite's ``tally.csv`` rows: ``unit`` (1-based), ``category``, ``label``,
     ``score``, then per category ``<cat>-label, -truth, -activation, -intersect, -iou``; units

@@ -22,6 +22,17 @@ layers (Bau et al. 2017; seed ``001_67e86decce6b6927.txt`` section 7.1.2). The m
 3. **Tallies** (pass 2): the masks of each batch and the stored maps, through
    :func:`~cnnexplain.explain.dissect.tally.accumulate_tallies` on the chosen device.
 
+**Views** (:data:`VARIANTS`): the same maps can be dissected several ways in the same passes,
+each with its own thresholds, tallies and labels. ``positive`` is the paper's dissection;
+``negative=True`` adds the units' lowest activations (dissecting ``-A``: its top-``q``
+threshold is minus the bottom-``q`` quantile of ``A``, and ``-A > T`` is ``A < -T``), which
+Network Dissection leaves out (seed ``001_67e86decce6b6927.txt`` section 7.1.4);
+``rotate=SEED`` adds the layer after a random orthogonal change of its channel basis,
+``A' = einsum("kj,bjhw->bkhw", Q, A)`` with ``Q`` from :func:`rotation_matrix`, Bau et al.
+2017 section 3.2's test that interpretability is axis-aligned (the rotated layer is exactly as
+discriminative, but has fewer unique detectors; seed ``001`` fig. 7.10). Every view is
+thresholded, tallied and labelled exactly as the unrotated layer.
+
 Memory is bounded whatever the number of images: one batch of maps and masks, the exact mode's
 ``[K, m]`` candidates (``m`` about ``q * N * h * w``; checked against ``max_exact_bytes`` before
 anything runs) or the sketch's ``[K, 4096]`` histogram, the ``[K, NL]`` int64 tallies and the
@@ -68,6 +79,16 @@ from cnnexplain.fingerprint import digest_parts
 from cnnexplain.models.layers import ONE_BY_ONE_FIX, get_module, one_by_one, record
 from cnnexplain.progress import silent
 from cnnexplain.runtime import Dist
+
+VARIANTS = {
+    "positive": "each unit's highest activations, A_k > T_k (Bau et al. 2017)",
+    "negative": "each unit's lowest activations, A_k < the bottom-quantile threshold (the maps "
+                "negated: -A_k > T_k)",
+    "rotated": "the layer's channels after a seeded random orthogonal rotation, "
+               "A' = Q A (Bau et al. 2017 section 3.2)",
+}
+"""The views :func:`dissect` computes (``positive`` always; the others with ``negative`` and
+``rotate``); module docstring."""
 
 QUANTILE_MODES = {
     "exact": "each unit's top-m values (m ~ q x images x h x w), exact, memory O(q N h w K)",
@@ -128,7 +149,7 @@ class LayerResult:
     layer: str
     units: int
     feature_size: tuple[int, int]
-    thresholds: np.ndarray                 # float64 [K]
+    thresholds: np.ndarray                 # float64 [K], of the view's maps (-A: negative)
     tally: dict                            # Tally.numpy(): int64 counts
     iou: np.ndarray                        # float64 [K, NL] in the configured mode
     labels: UnitLabels
@@ -143,7 +164,10 @@ class LayerResult:
 
 @dataclass
 class DissectionResult:
-    """The result of :func:`dissect`: per-layer results in the order the layers were given."""
+    """The result of :func:`dissect`: per-layer results in the order the layers were given
+    (``layers``: the positive view); ``variants``: the other views of :data:`VARIANTS` that
+    ran, ``{"negative" | "rotated": {layer: LayerResult}}``; ``rotations``: ``{layer: Q}``
+    float64 ``[K, K]``, the rotation of each rotated layer."""
 
     layers: dict[str, LayerResult]
     space: ConceptSpace
@@ -151,12 +175,18 @@ class DissectionResult:
     n_images: int
     image_size: tuple[int, int]
     mask_size: tuple[int, int]
+    variants: dict[str, dict[str, LayerResult]] = field(default_factory=dict)
+    rotations: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def summary(self) -> dict:
+    def view(self, variant: str = "positive") -> dict[str, LayerResult]:
+        """The per-layer results of one view (``positive``, ``negative`` or ``rotated``)."""
+        return self.layers if variant == "positive" else self.variants[variant]
+
+    def summary(self, variant: str = "positive") -> dict:
         """JSON-able headline counts per layer (units, detectors, unique concepts, by
-        category)."""
+        category) of one view."""
         out = {}
-        for name, lr in self.layers.items():
+        for name, lr in self.view(variant).items():
             rows = lr.summary_rows(self.space.categories, self.config.iou_threshold)
             total = rows[-1]
             out[name] = {"units": lr.units, "detectors": total["detector_units"],
@@ -234,20 +264,30 @@ def _probe(model: nn.Module, layers: list[str], image: torch.Tensor, device) -> 
         model.train(was)
 
 
-def exact_bytes(plans: dict[str, LayerPlan], n_images: int, q: float) -> int:
+def exact_bytes(plans: dict[str, LayerPlan], n_images: int, q: float, views: int = 1) -> int:
     """Peak bytes of the exact mode's candidate buffers (about ``(3 m + 8192) K`` float32 per
-    layer: the kept top ``m``, the buffer before a cut, and ``topk``'s output)."""
+    layer and view: the kept top ``m``, the buffer before a cut, and ``topk``'s output)."""
     total = 0
     for p in plans.values():
         m = top_count(n_images * p.feature_size[0] * p.feature_size[1], q)
         total += (3 * m + 8192) * p.units * 4
-    return total
+    return total * views
 
 
-def check_memory(plans: dict[str, LayerPlan], n_images: int, config: DissectConfig) -> None:
+def view_names(config: DissectConfig, rotations: dict | None = None) -> list[str]:
+    """The views of :data:`VARIANTS` a dissection with ``config`` computes, in order."""
+    return (["positive"] + (["negative"] if config.negative else [])
+            + (["rotated"] if config.rotate is not None or rotations else []))
+
+
+def check_memory(plans: dict[str, LayerPlan], n_images: int, config: DissectConfig,
+                 views: int | None = None) -> None:
+    """One-line error when the exact thresholds of every layer and view (``views``; default:
+    :func:`view_names`) would exceed ``max_exact_bytes``."""
     if config.quantile_mode != "exact":
         return
-    need = exact_bytes(plans, n_images, config.quantile)
+    views = len(view_names(config)) if views is None else views
+    need = exact_bytes(plans, n_images, config.quantile, views)
     if need > config.max_exact_bytes:
         raise UsageError(f"exact thresholds would hold {need / 2**30:.1f} GiB of candidates "
                          f"({n_images} images, `quantile` {config.quantile})",
@@ -297,6 +337,85 @@ class _Labels(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         item = self.base[i]
         return {"masks": item["masks"], "image_labels": item["image_labels"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Views: negated and rotated maps
+# ---------------------------------------------------------------------------------------------
+
+
+def rotation_matrix(units: int, seed: int) -> torch.Tensor:
+    """float64 ``[K, K]`` random orthogonal matrix for the rotation control of Bau et al. 2017
+    (section 3.2): ``G = Q R`` the QR decomposition of a standard Gaussian ``K x K`` matrix
+    drawn from a CPU generator seeded with ``seed``, and each column of ``Q`` multiplied by the
+    sign of ``R``'s diagonal entry (a zero counts as +1), which makes ``Q`` Haar-distributed
+    on the orthogonal group and unique given ``G`` (Mezzadri 2007). Same ``seed`` and ``K``,
+    same ``Q``."""
+    if units < 1:
+        raise ValueError("a rotation needs at least one channel")
+    gen = torch.Generator().manual_seed(int(seed))
+    g = torch.randn(units, units, generator=gen, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    sign = torch.sign(torch.diagonal(r))
+    return q * torch.where(sign == 0, torch.ones_like(sign), sign)[None, :]
+
+
+def rotate_maps(maps: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """``A' = einsum("kj,bjhw->bkhw", Q, A)``: maps ``[B, K, h, w]`` in the channel basis
+    rotated by ``rotation`` ``Q`` ``[K, K]`` (computed in the maps' dtype and device; ``Q = I``
+    gives the maps back exactly)."""
+    return torch.einsum("kj,bjhw->bkhw", rotation.to(maps), maps)
+
+
+@dataclass(frozen=True)
+class View:
+    """How one layer's maps ``[B, K, h, w]`` are read before thresholding, for view
+    ``variant`` of :data:`VARIANTS`: unchanged, negated, or rotated by ``rotation`` ``[K, K]``
+    (float32, on the device)."""
+
+    variant: str
+    layer: str
+    rotation: torch.Tensor | None = None
+
+    def __call__(self, maps: torch.Tensor) -> torch.Tensor:
+        if self.variant == "negative":
+            return -maps
+        if self.rotation is not None:
+            return rotate_maps(maps, self.rotation)
+        return maps
+
+
+def make_views(config: DissectConfig, plans: dict[str, LayerPlan], device,
+               rotations: dict[str, torch.Tensor] | None = None
+               ) -> tuple[dict[tuple[str, str], View], dict[str, np.ndarray]]:
+    """Every ``(variant, layer)`` to dissect (:func:`view_names`) and the float64 ``[K, K]``
+    rotation of each rotated layer: ``rotations[layer]`` where given (e.g. the identity),
+    else :func:`rotation_matrix` ``(K, rotate)``."""
+    rotations = dict(rotations or {})
+    unknown = sorted(set(rotations) - set(plans))
+    if unknown:
+        raise UsageError(f"a rotation is given for layer {unknown[0]!r}, which is not dissected",
+                         "give rotations only for the layers in `layer`")
+    views: dict[tuple[str, str], View] = {}
+    used: dict[str, np.ndarray] = {}
+    for variant in view_names(config, rotations):
+        for layer, p in plans.items():
+            rot = None
+            if variant == "rotated":
+                if layer in rotations:
+                    q = torch.as_tensor(rotations[layer], dtype=torch.float64).cpu()
+                    if tuple(q.shape) != (p.units, p.units):
+                        raise UsageError(f"the rotation of layer {layer!r} has shape "
+                                         f"{list(q.shape)}, not [{p.units}, {p.units}]",
+                                         "give a K x K matrix for a layer of K units")
+                elif config.rotate is not None:
+                    q = rotation_matrix(p.units, config.rotate)
+                else:
+                    continue
+                used[layer] = q.numpy()
+                rot = q.to(device=device, dtype=torch.float32)
+            views[(variant, layer)] = View(variant, layer, rot)
+    return views, used
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,11 +527,14 @@ def _raise_on_any_rank(failure: CnnexplainError | None, dist: Dist) -> None:
 def dissect(model: nn.Module, layers: Sequence[str], dataset, *, preprocessing: Preprocessing,
             config: DissectConfig = DissectConfig(), device: torch.device | str = "cpu",
             model_fingerprint: str = "", cache=None, progress=None, dist: Dist = Dist(),
-            plans: dict[str, LayerPlan] | None = None) -> DissectionResult:
+            plans: dict[str, LayerPlan] | None = None,
+            rotations: dict[str, np.ndarray | torch.Tensor] | None = None) -> DissectionResult:
     """Dissect ``layers`` of ``model`` (on ``device``, run in eval mode) over a Broden
     ``dataset`` (module docstring). ``model_fingerprint`` keys the activation cache
     (:class:`~cnnexplain.cache.Cache` or None for a private temporary file); ``progress`` is a
-    :class:`~cnnexplain.progress.ProgressFactory`; ``dist`` the torchrun membership.
+    :class:`~cnnexplain.progress.ProgressFactory`; ``dist`` the torchrun membership;
+    ``rotations`` ``{layer: Q [K, K]}`` orthogonal bases for the ``rotated`` view instead of
+    the seeded ones (it then runs for those layers even without ``rotate``).
     Returns the same :class:`DissectionResult` on every rank."""
     config = config.validate()
     require_broden(dataset)
@@ -421,7 +543,8 @@ def dissect(model: nn.Module, layers: Sequence[str], dataset, *, preprocessing: 
     progress = progress or silent()
     plans = plans or plan_layers(model, layers, dataset, preprocessing, device)
     n = len(dataset)
-    check_memory(plans, n, config)
+    views, used_rotations = make_views(config, plans, device, rotations)
+    check_memory(plans, n, config, len({v for v, _ in views}))
     space = ConceptSpace.from_dataset(dataset)
     label_category = torch.as_tensor(space.label_category, device=device)
     ncat = len(space.categories)
@@ -440,17 +563,18 @@ def dissect(model: nn.Module, layers: Sequence[str], dataset, *, preprocessing: 
                                        progress=progress, workers=config.workers)
             source = _Stored(acts, layers, config.batch_size, device)
 
-    # -- pass 1: thresholds and top images ------------------------------------------------------
+    # -- pass 1: thresholds and top images, per (view, layer) ----------------------------------
     totals = {layer: n * p.feature_size[0] * p.feature_size[1] for layer, p in plans.items()}
-    top = {layer: TopImages.empty(p.units, config.top_images, p.feature_size, device)
-           for layer, p in plans.items()}
+    size = {key: plans[key[1]] for key in views}
+    top = {key: TopImages.empty(p.units, config.top_images, p.feature_size, device)
+           for key, p in size.items()}
     if config.quantile_mode == "exact":
-        est = {layer: TopCandidates(p.units, top_count(totals[layer], config.quantile), device)
-               for layer, p in plans.items()}
+        est = {key: TopCandidates(p.units, top_count(totals[key[1]], config.quantile), device)
+               for key, p in size.items()}
         rounds = 1
     else:
-        est = {layer: RadixSketch(p.units, totals[layer], config.quantile, device)
-               for layer, p in plans.items()}
+        est = {key: RadixSketch(p.units, totals[key[1]], config.quantile, device)
+               for key, p in size.items()}
         rounds = 2
     for r in range(rounds):
         what = "thresholds" if rounds == 1 else f"thresholds (sketch pass {r + 1}/{rounds})"
@@ -464,83 +588,102 @@ def dissect(model: nn.Module, layers: Sequence[str], dataset, *, preprocessing: 
                     except CnnexplainError as exc:
                         failure = exc
                         break
-                for layer, a in maps.items():
+                for key, view in views.items():
+                    a = view(maps[view.layer])
                     k = a.shape[1]
                     if r == 0:
+                        if view.rotation is not None:
+                            try:
+                                check_finite(a, f"layer {view.layer} (rotated)")
+                            except CnnexplainError as exc:
+                                failure = exc
+                                break
                         if config.top_images:
                             idx = torch.arange(start + s, start + s + a.shape[0], device=device)
-                            top[layer].update(a.amax(dim=(2, 3)).t(),
-                                              idx[None, :].expand(k, -1), a.transpose(0, 1))
-                    est[layer].update(a.transpose(0, 1).reshape(k, -1))
+                            top[key].update(a.amax(dim=(2, 3)).t(),
+                                            idx[None, :].expand(k, -1), a.transpose(0, 1))
+                    est[key].update(a.transpose(0, 1).reshape(k, -1))
+                if failure is not None:
+                    break
                 bar.advance(next(iter(maps.values())).shape[0])
         _raise_on_any_rank(failure, dist)
         if config.quantile_mode == "sketch":
-            for layer in layers:
-                _all_reduce(est[layer].counts, dist)  # in place: every rank's histogram
-                est[layer].finish_pass()
+            for key in views:
+                _all_reduce(est[key].counts, dist)  # in place: every rank's histogram
+                est[key].finish_pass()
     thresholds, qinfo = {}, {}
-    for layer, p in plans.items():
+    for key, p in size.items():
+        total = totals[key[1]]
         if config.quantile_mode == "exact":
-            cand = est[layer].candidates()
-            m = est[layer].m
+            cand = est[key].candidates()
+            m = est[key].m
             if dist.enabled:
                 pad = torch.full((p.units, m), -math.inf, device=device)
                 pad[:, :cand.shape[1]] = cand
-                est[layer] = TopCandidates(p.units, m, device)
-                est[layer].merge(_all_gather(pad, dist))
-            thresholds[layer] = est[layer].thresholds(totals[layer], config.quantile)
-            qinfo[layer] = {"mode": "exact", "values_per_unit": totals[layer], "top_m": m}
+                est[key] = TopCandidates(p.units, m, device)
+                est[key].merge(_all_gather(pad, dist))
+            thresholds[key] = est[key].thresholds(total, config.quantile)
+            qinfo[key] = {"mode": "exact", "values_per_unit": total, "top_m": m}
         else:
-            thresholds[layer] = est[layer].thresholds()
-            qinfo[layer] = {"mode": "sketch", "values_per_unit": totals[layer],
-                            "rank_error": est[layer].rank_error}
+            thresholds[key] = est[key].thresholds()
+            qinfo[key] = {"mode": "sketch", "values_per_unit": total,
+                          "rank_error": est[key].rank_error}
         if dist.enabled and config.top_images:
-            t = top[layer]
+            t = top[key]
             merged = TopImages.empty(p.units, config.top_images, p.feature_size, device)
             for v, i, mp in zip(_all_gather(t.values, dist), _all_gather(t.index, dist),
                                 _all_gather(t.maps, dist)):
                 merged.update(v, i, mp)
-            top[layer] = merged
+            top[key] = merged
 
     # -- pass 2: tallies ------------------------------------------------------------------------
     sh, sw = dataset.mask_size
-    tallies = {layer: Tally.zeros(p.units, space.size, ncat, device) for layer, p in plans.items()}
+    tallies = {key: Tally.zeros(p.units, space.size, ncat, device) for key, p in size.items()}
     quads = {layer: (QuadTable.build(p.feature_size[0], sh, device),
                      QuadTable.build(p.feature_size[1], sw, device))
              for layer, p in plans.items()}
-    thr_t = {layer: torch.as_tensor(thresholds[layer], dtype=torch.float64, device=device)
-             for layer in layers}
+    thr_t = {key: torch.as_tensor(thresholds[key], dtype=torch.float64, device=device)
+             for key in views}
     with progress(total=len(shard), description="pass 2/2: tally") as bar:
         if source is not None:
             for batch, maps in _tally_batches(source, shard, layers, config.batch_size,
                                               config.workers, device):
                 masks = batch["masks"].to(device)
                 image_labels = batch["image_labels"].to(device)
-                for layer, a in maps.items():
-                    accumulate_tallies(a.float(), thr_t[layer], masks, image_labels,
-                                       label_category, tallies[layer], quads[layer])
+                for key, view in views.items():
+                    accumulate_tallies(view(maps[view.layer]).float(), thr_t[key], masks,
+                                       image_labels, label_category, tallies[key],
+                                       quads[view.layer])
                 bar.advance(masks.shape[0])
-    results = {}
-    for layer, p in plans.items():
-        t = tallies[layer]
+    results: dict[str, dict[str, LayerResult]] = {}
+    for key, p in size.items():
+        variant, layer = key
+        t = tallies[key]
         if dist.enabled:
             t.load_flat(_all_reduce(t.flat(), dist))
         counts = t.numpy()
         matrix = iou(counts["intersection"], counts["truth"],
                      activation_for(counts, config.iou_mode), space.label_category)
         labels = label_units(matrix, space.label_category, ncat)
-        tp = top[layer]
-        results[layer] = LayerResult(
+        tp = top[key]
+        results.setdefault(variant, {})[layer] = LayerResult(
             layer=layer, units=p.units, feature_size=p.feature_size,
-            thresholds=np.asarray(thresholds[layer], dtype=np.float64), tally=counts, iou=matrix,
+            thresholds=np.asarray(thresholds[key], dtype=np.float64), tally=counts, iou=matrix,
             labels=labels, top_values=tp.values.cpu().numpy(), top_index=tp.index.cpu().numpy(),
-            top_maps=tp.maps.cpu().numpy(), quantile_info=qinfo[layer])
-    return DissectionResult(layers=results, space=space, config=config, n_images=n,
+            top_maps=tp.maps.cpu().numpy(), quantile_info=qinfo[key])
+    positive = results.pop("positive")
+    return DissectionResult(layers=positive, space=space, config=config, n_images=n,
                             image_size=tuple(getattr(dataset, "image_size", (0, 0))),
-                            mask_size=(sh, sw))
+                            mask_size=(sh, sw), variants=results, rotations=used_rotations)
 
 
 def image_loader(dataset) -> Callable[[int], torch.Tensor]:
-    """``load(i) -> float32 [3, H, W]`` in [0, 1]: image ``i`` of the dataset (for the report's
-    top-image strips)."""
-    return lambda i: dataset[int(i)]["image"]
+    """``load(i) -> (float32 [3, H, W] in [0, 1], int [L, h, w] label maps or None)``: image
+    ``i`` of the dataset and its pixel labels (for the report's top-image strips, which draw
+    the unit's mask and its concept's outline)."""
+
+    def load(i):
+        item = dataset[int(i)]
+        return item["image"], item.get("masks")
+
+    return load

@@ -109,10 +109,12 @@ def _mean(a) -> float:
 def _pointing(data: EvalData, res: MethodResult) -> dict:
     valid, boxes, masks = data.pair_truth()
     if not valid.any():
-        return {"pointing_game": float("nan"), "pointing_game_mask": float("nan")}
+        return {"pointing_game": float("nan"), "pointing_game_mask": float("nan"),
+                "pointing_game_random": float("nan")}
     maps = res.maps[valid]
     return {"pointing_game": _mean(L.pointing_game(maps, boxes=boxes[valid])),
-            "pointing_game_mask": _mean(L.pointing_game(maps, masks=masks[valid]))}
+            "pointing_game_mask": _mean(L.pointing_game(maps, masks=masks[valid])),
+            "pointing_game_random": _mean(L.box_fraction(boxes[valid], maps.shape[-2:]))}
 
 
 def _energy(data: EvalData, res: MethodResult) -> dict:
@@ -213,8 +215,9 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in [
-    Metric("pointing", "pointing game: max point in the box / on the object (seed 003)",
-           ("pointing_game", "pointing_game_mask"), _pointing),
+    Metric("pointing", "pointing game: max point in the box / on the object (seed 003), and "
+           "the hit rate of a uniformly random point (the box's share of the image)",
+           ("pointing_game", "pointing_game_mask", "pointing_game_random"), _pointing),
     Metric("energy", "energy pointing game at 10..90% of the map's energy (seed 003)",
            tuple(f"pointing_energy_{int(round(100 * t))}" for t in L.ENERGY_THRESHOLDS), _energy),
     Metric("ablation", "logit drop when the max point's patch becomes the dataset mean, vs a "

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cnnexplain.data.files import Confinement, FilePolicy
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.errors import CnnexplainError, UsageError
 from cnnexplain.fingerprint import array_digest, digest_parts
@@ -83,12 +84,14 @@ def _collect(dataset, batch_size: int, progress=None) -> dict[str, torch.Tensor]
 
 
 def from_dataset(spec: str, split: str, preprocessing: Preprocessing, limit: int | None = None,
-                 seed: int = 0, batch_size: int = 32, progress=None) -> ImageSet:
+                 seed: int = 0, batch_size: int = 32, progress=None,
+                 files: FilePolicy | None = None) -> ImageSet:
     """Open ``spec`` and load its (first ``limit``) images normalized, with labels and any
     ground truth the dataset has."""
     from cnnexplain.data.datasets import open_dataset
 
-    ds = open_dataset(spec, split=split, preprocessing=preprocessing, limit=limit, seed=seed)
+    ds = open_dataset(spec, split=split, preprocessing=preprocessing, limit=limit, seed=seed,
+                      files=files)
     return from_opened(ds, split, preprocessing, batch_size, progress)
 
 
@@ -112,15 +115,18 @@ def from_opened(ds, split: str, preprocessing: Preprocessing, batch_size: int = 
                     describe=desc)
 
 
-def image_paths(items) -> list[Path]:
-    """Files named directly or found (by image extension, sorted) in named directories."""
+def image_paths(items, files: FilePolicy | None = None) -> list[Path]:
+    """Files named directly or found (by image extension, sorted) in named directories; a file
+    found in a directory must resolve inside it (``files``, :mod:`cnnexplain.data.files`), a
+    file named directly is taken as named."""
     from cnnexplain.data.datasets import IMAGE_EXTENSIONS
 
     out: list[Path] = []
     for item in items:
         p = Path(item).expanduser()
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file()
+            confined = Confinement(p, files)
+            found = sorted(confined.check(q, "image") for q in p.iterdir() if q.is_file()
                            and q.suffix.lower() in IMAGE_EXTENSIONS and not q.name.startswith("."))
             if not found:
                 raise UsageError(f"no image files in directory {p}",
@@ -135,15 +141,17 @@ def image_paths(items) -> list[Path]:
     return out
 
 
-def from_images(items, preprocessing: Preprocessing, progress=None) -> ImageSet:
+def from_images(items, preprocessing: Preprocessing, progress=None,
+                files: FilePolicy | None = None) -> ImageSet:
     """Read image files (or directories of them) as the model expects: [0, 1], resized per
-    ``preprocessing`` (mixed sizes need ``resize``), normalized."""
+    ``preprocessing`` (mixed sizes need ``resize``), normalized; ``files``: symlinks and the
+    decoding limit (:class:`~cnnexplain.data.files.FilePolicy`)."""
     from cnnexplain.data.datasets import ImageFileDataset
 
-    paths = image_paths(items)
+    paths = image_paths(items, files)
     root = Path(_common_root(paths))
     ds = ImageFileDataset(paths, [-1] * len(paths), [], root, preprocessing,
-                          spec=f"images:{root}", fingerprint_mode="content")
+                          spec=f"images:{root}", fingerprint_mode="content", policy=files)
     got = _collect(ds, 16, progress)
     images = preprocessing.normalize(got["image"].float())
     return ImageSet(images=images, source=f"images:{root}", labels=None, truth=None,

@@ -92,14 +92,34 @@ def _norm(saliency: np.ndarray):
     return "inferno", 0.0, max(hi, 1e-30)
 
 
-def overlay_png(image: np.ndarray, saliency: np.ndarray, title: str, label: str) -> bytes:
-    """PNG bytes: ``image`` ``[H, W, 3]`` in [0, 1] with ``saliency`` ``[H, W]`` on top and a
-    colour bar labelled ``label``."""
+BOX_COLOR = "#00e060"
+"""Colour of the ground-truth box of the explained class's object."""
+
+
+def _truth(ax, saliency: np.ndarray | None, box) -> None:
+    """Draw the explained object's ground-truth box (``(x0, y0, x1, y1)`` in pixels, end
+    exclusive, or None) and the map's maximum (the pointing game's point, seed 003)."""
+    from matplotlib.patches import Rectangle
+
+    if box is not None:
+        x0, y0, x1, y1 = (float(v) for v in box)
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                               edgecolor=BOX_COLOR, linewidth=1.2))
+    if saliency is not None:
+        yy, xx = np.unravel_index(int(np.argmax(saliency)), saliency.shape)
+        ax.plot([xx], [yy], marker="x", color="white", markersize=5, markeredgewidth=1.5)
+
+
+def overlay_png(image: np.ndarray, saliency: np.ndarray, title: str, label: str,
+                box=None) -> bytes:
+    """PNG bytes: ``image`` ``[H, W, 3]`` in [0, 1] with ``saliency`` ``[H, W]`` on top, a
+    colour bar labelled ``label``, the ground-truth ``box`` and the map's maximum."""
     fig = _figure(3.6, 3.0)
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(image, interpolation="nearest")
     cmap, vmin, vmax = _norm(saliency)
     im = ax.imshow(saliency, cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.55, interpolation="nearest")
+    _truth(ax, saliency, box)
     ax.set_title(title, fontsize=8)
     ax.axis("off")
     bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
@@ -109,15 +129,17 @@ def overlay_png(image: np.ndarray, saliency: np.ndarray, title: str, label: str)
 
 
 def grid_png(images: list[np.ndarray], columns: list[tuple[str, np.ndarray]],
-             row_titles: list[str]) -> bytes:
+             row_titles: list[str], boxes: list | None = None) -> bytes:
     """PNG bytes of the comparison grid: one row per image, the image then one map per method
-    (``columns``: (method, maps [R, H, W]))."""
+    (``columns``: (method, maps [R, H, W])), each with the row's ground-truth box (``boxes``)
+    and the map's maximum."""
     rows = len(images)
     cols = 1 + len(columns)
     fig = _figure(1.6 * cols, 1.6 * rows + 0.3)
     for r in range(rows):
         ax = fig.add_subplot(rows, cols, r * cols + 1)
         ax.imshow(images[r], interpolation="nearest")
+        _truth(ax, None, boxes[r] if boxes else None)
         ax.set_ylabel(row_titles[r], fontsize=6)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -128,6 +150,7 @@ def grid_png(images: list[np.ndarray], columns: list[tuple[str, np.ndarray]],
             cmap, vmin, vmax = _norm(maps[r])
             ax.imshow(images[r], interpolation="nearest")
             ax.imshow(maps[r], cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.6, interpolation="nearest")
+            _truth(ax, maps[r], boxes[r] if boxes else None)
             ax.axis("off")
             if r == 0:
                 ax.set_title(name, fontsize=7)
@@ -135,9 +158,10 @@ def grid_png(images: list[np.ndarray], columns: list[tuple[str, np.ndarray]],
 
 
 def write_pngs(out_dir, results, display_images: np.ndarray, image_index, targets, names,
-               class_name, count: int, progress=None) -> list[Path]:
+               class_name, count: int, progress=None, boxes: list | None = None) -> list[Path]:
     """Overlays for the first ``count`` pairs of every method and the grid; returns the paths.
-    ``display_images``: ``[N, H, W, 3]`` in [0, 1]; ``class_name(c) -> str``."""
+    ``display_images``: ``[N, H, W, 3]`` in [0, 1]; ``class_name(c) -> str``; ``boxes``: per
+    pair, the explained class's ground-truth box or None."""
     from cnnexplain.progress import silent
 
     out_dir = Path(out_dir)
@@ -153,13 +177,15 @@ def write_pngs(out_dir, results, display_images: np.ndarray, image_index, target
                 name = names[int(image_index[m])]
                 title = f"{res.method} - {name} - class {class_name(int(targets[m]))}"
                 path = out_dir / "overlays" / f"{res.method}_{m}.png"
-                write_bytes(path, overlay_png(img, res.maps[m], title, unit))
+                write_bytes(path, overlay_png(img, res.maps[m], title, unit,
+                                              boxes[m] if boxes else None))
                 written.append(path)
                 task.advance(1)
         rows = [display_images[int(image_index[m])] for m in range(k)]
         titles = [f"{names[int(image_index[m])]}:{class_name(int(targets[m]))}" for m in range(k)]
         path = out_dir / "grid.png"
-        write_bytes(path, grid_png(rows, [(r.method, r.maps[:k]) for r in results], titles))
+        write_bytes(path, grid_png(rows, [(r.method, r.maps[:k]) for r in results], titles,
+                                   boxes[:k] if boxes else None))
         written.append(path)
         task.advance(1)
     return written

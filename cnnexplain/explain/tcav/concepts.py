@@ -13,6 +13,7 @@ import torch
 
 from cnnexplain.cache.store import Cache
 from cnnexplain.data.base import ImageDataset, make_loader
+from cnnexplain.data.files import FilePolicy
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.errors import CnnexplainError, UsageError, close_matches
 from cnnexplain.fingerprint import array_digest, digest_parts
@@ -161,18 +162,21 @@ def broden_concept_sets(dataset, concepts: Sequence[str], *, random_sets: int,
 
 def folder_concept_sets(root, concepts: Sequence[str], *, random_sets: int,
                         preprocessing: Preprocessing = Preprocessing(),
-                        per_set: int | None = None) -> ConceptSets:
+                        per_set: int | None = None,
+                        files: FilePolicy | None = None) -> ConceptSets:
     """Concept sets from a TCAV concept root (``<root>/<concept>/``, ``<root>/random_<i>/``):
     the named concept folders and the first ``random_sets`` random folders in natural order
     (random_0, random_1, ..., random_10). ``per_set`` keeps the first N images of each folder
     (in file order: world order for ``cnnexplain data synth `fmt` concepts`` exports, whose
-    prefixes keep the class balance). Unknown concept -> UsageError with close
-    matches; too few random folders -> UsageError."""
+    prefixes keep the class balance). ``files``: symlinks and the decoding limit
+    (:class:`~cnnexplain.data.files.FilePolicy`; every folder and image must resolve inside
+    ``root`` by default). Unknown concept -> UsageError with close matches; too few random
+    folders -> UsageError."""
     from cnnexplain.data.datasets import concept_images, list_concept_folders
 
     if not concepts:
         raise UsageError("no concept given", "pass `concept` NAME[,NAME...]")
-    found = list_concept_folders(root)
+    found = list_concept_folders(root, files)
     for c in concepts:
         if c not in found["concepts"]:
             choices = ", ".join(found["concepts"]) or "(none)"
@@ -186,8 +190,8 @@ def folder_concept_sets(root, concepts: Sequence[str], *, random_sets: int,
                          "random_0 with random_1, random_1 with random_2, ...)",
                          f"pass `random_runs` {max(len(randoms) - 1, 2)} or add random folders "
                          "(`cnnexplain data synth` in the concepts format, with N random sets)")
-    sets = {c: concept_images(root, c, preprocessing, per_set) for c in concepts}
-    rand = [(r, concept_images(root, r, preprocessing, per_set))
+    sets = {c: concept_images(root, c, preprocessing, per_set, files) for c in concepts}
+    rand = [(r, concept_images(root, r, preprocessing, per_set, files))
             for r in randoms[: int(random_sets)]]
     return ConceptSets(sets, rand, {"source": "folders", "root": str(root)})
 
