@@ -23,11 +23,11 @@ from typing import Callable
 
 import pandas as pd
 import torch
-import torchvision
 from torch import nn
 
 from cnnexplain.explain.saliency import METHODS, Context, MethodOptions
 from cnnexplain.explain.saliency.lrp import make_composite
+from benchmarks.models import resnet18_with_bn_statistics
 
 SIZES = {"small": (48, 2, 2), "full": (224, 4, 5)}  # side, batch, rounds
 SAMPLES = {"small": (4, 8, 32), "full": (8, 16, 64)}  # SmoothGrad samples, IG steps, LIME samples
@@ -35,16 +35,7 @@ GRADIENT_METHODS = ("gradient", "input-x-gradient", "guided-backprop", "deconvne
 
 
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
+    return resnet18_with_bn_statistics()
 
 
 def _peers(model, x, t, opts: MethodOptions, ctx: Context, side: int) -> dict[str, dict[str, Callable]]:

@@ -2,7 +2,8 @@
 run, repetitions interleaved method by method so that machine noise hits all alike), and peak
 memory of one training epoch per method (target of seed 004: at most 5% overhead, ratio <= 1.05).
 
-size ``small``: resnet18 at 32 px, 256 synthetic images, batch 64, 2 timed epochs per method;
+size ``small`` (a smoke test: one step per epoch, the ratios are noise): resnet18 at 32 px, 64
+synthetic images, batch 64, 1 timed epoch per method;
 ``full``: 1024 images, 3 timed epochs. Each method first runs one untimed epoch (memoizes the
 rendered images, warms allocators). On CPU torch runs on one thread during the benchmark (on a
 shared machine, intra-op thread hand-offs add more noise than speed to a ratio). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA;
@@ -26,15 +27,15 @@ from cnnexplain.models.gates import METHODS
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     **{m: (m, {}) for m in METHODS},
-    "picnn lambda_neg=1": ("picnn", {"lambda_neg": 1.0}),
-    "cdcnn-r1p2 gate_label=pseudo lambda_neg=1": ("cdcnn-r1p2", {"gate_label": "pseudo",
-                                                                 "lambda_neg": 1.0}),
+    "picnn preset=paper": ("picnn", {"preset": "paper"}),
+    "cdcnn-r1p2 preset=paper": ("cdcnn-r1p2", {"preset": "paper"}),
 }
-"""Row name -> (method, extra TrainConfig fields): every method, and the two variants with the
-wrong-mask term (one more run of the layers after the gate per step) that the known-answer
-experiment requires."""
+"""Row name -> (method, extra TrainConfig fields): every method with train-gated's default preset
+(the wrong-mask and complement terms: two more runs of the layers after the gate per step), and
+two with the seeds' losses (``preset=paper``). The warm-up is off (``gate_warmup=0``) so that
+every timed epoch is gated."""
 
-SIZES = {"small": {"n": 256, "reps": 2}, "full": {"n": 1024, "reps": 3}}
+SIZES = {"small": {"n": 64, "reps": 1}, "full": {"n": 1024, "reps": 3}}
 BACKBONE = "resnet18"
 SPEC = "synthetic:n={n},nval=16,ntest=16,res=32"
 
@@ -59,7 +60,7 @@ def _trainer(name: str, n: int, device: str, out: Path):
     val = open_dataset(spec, "val", prep)
     method, extra = VARIANTS[name]
     cfg = TrainConfig(backbone=BACKBONE, method=method, epochs=100, batch_size=64,
-                      amp=device.startswith("cuda"), **extra)
+                      amp=device.startswith("cuda"), gate_warmup=0, **extra)
     return Trainer.prepare(cfg, train, val, class_names=train.class_names, preprocessing=prep,
                            device=device, out=out / f"run{list(VARIANTS).index(name)}",
                            overwrite=True)

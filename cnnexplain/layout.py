@@ -13,6 +13,7 @@ and :mod:`cnnexplain.report.collect` both ask :class:`RunLayout` where a file go
                                   with `negative` / `rotate` also tally_<view>.csv,
                                   summary_<view>.csv, iou_<view>.h5 and rotation.csv
     tcav/                         tcav.csv, runs.csv, tcav.png
+    visualize/                    index.csv, index.html, grid.png, images/, examples/
     report/                       index.html, summary.csv, checks.csv and the report's PNGs
 """
 
@@ -33,6 +34,7 @@ FEATURES = "features.h5"
 SALIENCY = "saliency"
 DISSECT = "dissect"
 TCAV = "tcav"
+VISUALIZE = "visualize"
 REPORT = "report"
 
 
@@ -173,6 +175,36 @@ class RunLayout:
     @property
     def tcav_plot(self) -> Path:
         return self.tcav / "tcav.png"
+
+    # -- visualize -------------------------------------------------------------------------
+    @property
+    def visualize(self) -> Path:
+        return self.root / VISUALIZE
+
+    @property
+    def visualize_index(self) -> Path:
+        """One row per optimized image: unit, direction, objective reached, its best dataset
+        example's, the PNG (relative to this file)."""
+        return self.visualize / "index.csv"
+
+    @property
+    def visualize_html(self) -> Path:
+        return self.visualize / "index.html"
+
+    @property
+    def visualize_grid(self) -> Path:
+        return self.visualize / "grid.png"
+
+    @property
+    def visualize_images(self) -> Path:
+        """The optimized images, one PNG each at the image's own resolution."""
+        return self.visualize / "images"
+
+    @property
+    def visualize_examples(self) -> Path:
+        """Per unit, ``<unit>-top.png`` and ``<unit>-bottom.png``: dataset examples with the
+        unit's map over them."""
+        return self.visualize / "examples"
 
     # -- report ----------------------------------------------------------------------------
     @property

@@ -4,7 +4,8 @@ the default synthetic world or on scikit-learn's digits, over several seeds; eva
 ``cnnexplain evaluate-entanglement``; print mean (sd) per row and a paired t-test of gated minus
 std per seed for MIS and ACC3; check, on the means, for the default rows:
 
-- ACC1 within ``--acc1-tolerance`` (default 0.01) of std's;
+- ACC1 at most ``--acc1-tolerance`` (default 0.01) below std's (the gates cost no accuracy; a
+  gated row above std's, as fine-tuning for more epochs can give, passes);
 - MIS at least ``--mis-margin`` (default 0.05 nats) above std's;
 - ACC3 (Guo et al. 2024's definition, averaged over draws; std: random P) at most half of std's.
 
@@ -12,7 +13,7 @@ std per seed for MIS and ACC3; check, on the means, for the default rows:
         [--seeds 0 1 2] [--out runs/known-answer] [--rows std,picnn,...] [--device cpu]
 
 ``--size recipe`` trains with train-gated's defaults (README's recipe); ``--size quickstart``
-with the quickstart's epochs and world. The exit code is 0 when every check of the default rows
+with the quickstart's world and epochs, the gated rows fine-tuned from std's network. The exit code is 0 when every check of the default rows
 passes. Finished runs are reused (``--fresh`` retrains); features come from the HDF5 cache.
 """
 
@@ -27,8 +28,10 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-QUICKSTART = {"epochs": "6", "world": "synthetic:n=2000,ntest=500,correlate=red-c@circle=0.9"}
-"""The quickstart's training size (recipes/quickstart.sh)."""
+QUICKSTART = {"epochs": "10", "finetune": "3",
+              "world": "synthetic:n=2000,ntest=500,correlate=red-c@circle=0.9"}
+"""The quickstart's training size (recipes/quickstart.sh): std for ``epochs``, the gated rows
+for ``finetune`` epochs from std's trained network of the same seed (``--weights``)."""
 RUNS = {"std": ["--method", "std"],
         "picnn": ["--method", "picnn"],
         "cdcnn-r1p2": ["--method", "cdcnn-r1p2"],
@@ -64,7 +67,12 @@ def run_one(out: Path, options: list[str], seed: int, a) -> dict:
     if a.fresh and out.exists():
         shutil.rmtree(out)
     if not (out / "checkpoint.pt").exists():
-        size = ["--epochs", QUICKSTART["epochs"]] if a.size == "quickstart" else []
+        size = []
+        if a.size == "quickstart" and out.name == "std":
+            size = ["--epochs", QUICKSTART["epochs"]]
+        elif a.size == "quickstart":
+            size = ["--epochs", QUICKSTART["finetune"], "--weights",
+                    str(out.parent / "std" / "checkpoint.pt")]
         cli("train-gated", "--backbone", "resnet18", *options, *data, *size, "--seed", str(seed),
             "--device", a.device, "--out", str(out), "--quiet", "--overwrite")
     cli("evaluate-entanglement", "--checkpoint", str(out / "checkpoint.pt"), "--split", split,
@@ -103,8 +111,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     a.out = a.out / f"{a.dataset}-{a.size}"
     rows = [r.strip() for r in a.rows.split(",") if r.strip()]
-    if "std" not in rows:
-        rows.insert(0, "std")
+    rows = ["std"] + [r for r in rows if r != "std"]  # first: the quickstart's gated rows start from it
     results = []
     for seed in a.seeds:
         for name in rows:
@@ -133,8 +140,8 @@ def main(argv=None) -> int:
     for m in (m for m in mean.index if m != "std"):
         r = mean.loc[m]
         checks += [
-            (m, f"|ACC1({m}) - ACC1(std)| = {abs(r.ACC1 - std.ACC1):.3f} <= {a.acc1_tolerance}",
-             abs(r.ACC1 - std.ACC1) <= a.acc1_tolerance),
+            (m, f"ACC1({m}) {r.ACC1:.3f} >= ACC1(std) {std.ACC1:.3f} - {a.acc1_tolerance}",
+             r.ACC1 >= std.ACC1 - a.acc1_tolerance),
             (m, f"MIS({m}) {r.MIS:.3f} >= MIS(std) {std.MIS:.3f} + {a.mis_margin}",
              r.MIS >= std.MIS + a.mis_margin),
             (m, f"ACC3({m}) {r.ACC3:.3f} <= ACC3(std) {std.ACC3:.3f} / 2", r.ACC3 <= std.ACC3 / 2),

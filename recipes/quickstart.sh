@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # The main job on the built-in synthetic world, as a pipeline of the real subcommands:
-# world -> train std / picnn / cdcnn-r1p2 (train-gated's defaults) -> evaluate entanglement -> saliency with evaluation
-# -> Network Dissection on the world's Broden export -> TCAV on the planted concept -> report.
+# world -> train std (train-gated's defaults) -> picnn / cdcnn-r1p2 gated fine-tuning of the trained
+# std network (train-gated's defaults with --weights) -> evaluate entanglement -> saliency with
+# evaluation -> Network Dissection on the world's Broden export -> TCAV on the planted concept ->
+# feature visualization -> report.
 # Usage: bash recipes/quickstart.sh [OUT]   (OUT defaults to runs/quickstart)
-# The evaluation, saliency and TCAV steps read the data each checkpoint was trained on.
-# Smaller numbers for CI: QUICKSTART_IMAGES, QUICKSTART_EPOCHS, QUICKSTART_BRODEN and
-# QUICKSTART_BACKBONE (env vars; the test suite runs it with smallcnn).
+# The evaluation, saliency and TCAV steps read the data each checkpoint was trained on; every step
+# reads each run's last checkpoint (checkpoint.pt: what the run trained; best.pt is the epoch of
+# best validation ACC1, for a short fine-tuning often an earlier, less disentangled one).
+# Smaller numbers for CI: QUICKSTART_IMAGES, QUICKSTART_EPOCHS (std's), QUICKSTART_FINETUNE
+# (the gated runs' epochs from std's weights), QUICKSTART_BRODEN and QUICKSTART_BACKBONE (env
+# vars; the test suite runs it with smallcnn).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 recipe="$here/quickstart.yaml"
 out=${1:-runs/quickstart}
 images=${QUICKSTART_IMAGES:-2000}
-epochs=${QUICKSTART_EPOCHS:-6}
+epochs=${QUICKSTART_EPOCHS:-10}
+finetune=${QUICKSTART_FINETUNE:-3}
 broden=${QUICKSTART_BRODEN:-240}
 backbone=${QUICKSTART_BACKBONE:-resnet18}
 # concept folders come from the same world without the planted correlations, class-balanced,
@@ -25,16 +31,22 @@ mkdir -p "$out"
 [ -d "$out/concepts" ] || cx data synth --format concepts --world "$neutral" --concepts red-c,stone --per-concept 40 --random-sets 6 --out "$out/concepts" --quiet
 for method in std picnn cdcnn-r1p2; do
   run="$out/$method"
-  cx train-gated --recipe "$recipe" --dataset "$world" --method "$method" --backbone "$backbone" --epochs "$epochs" --out "$run"
-  cx evaluate-entanglement --recipe "$recipe" --checkpoint "$run/best.pt" --out "$run"
+  if [ "$method" = std ]; then
+    cx train-gated --recipe "$recipe" --dataset "$world" --method std --backbone "$backbone" --epochs "$epochs" --out "$run"
+  else
+    # the gated methods start from the trained std network (the default preset then has no warm-up)
+    cx train-gated --recipe "$recipe" --dataset "$world" --method "$method" --backbone "$backbone" --weights "$out/std/checkpoint.pt" --epochs "$finetune" --out "$run"
+  fi
+  cx evaluate-entanglement --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --out "$run"
 done
 for method in std picnn; do
   run="$out/$method"
-  methods=$([ "$method" = std ] && echo gradient,smoothgrad,integrated-gradients,gradcam,lrp-zplus,clrp2 \
-            || echo gradient,smoothgrad,integrated-gradients,gradcam,gated-cam,gated-cam-complement,lrp-zplus,clrp2)
-  cx saliency --recipe "$recipe" --checkpoint "$run/best.pt" --methods "$methods" --out "$run"
-  cx dissect --recipe "$recipe" --checkpoint "$run/best.pt" --broden "$out/broden" --out "$run"
-  cx tcav --recipe "$recipe" --checkpoint "$run/best.pt" --concepts "$out/concepts" --concept red-c,stone --out "$run"
+  methods=$([ "$method" = std ] && echo gradient,integrated-gradients,gradcam,lrp-zplus,clrp2 \
+            || echo gradient,gradcam,gated-cam,gated-cam-complement,lrp-zplus,clrp2)
+  cx saliency --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --methods "$methods" --out "$run"
+  cx dissect --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --broden "$out/broden" --out "$run"
+  cx tcav --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --concepts "$out/concepts" --concept red-c,stone --out "$run"
+  cx visualize --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --out "$run"
 done
 cx report "$out/std" "$out/picnn" "$out/cdcnn-r1p2" --out "$out" --quiet
 echo "$out/report/index.html"

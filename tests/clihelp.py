@@ -74,3 +74,14 @@ def snapshot(*dirs) -> dict:
                     st = p.stat()
                     snap[str(p)] = (st.st_size, st.st_mtime_ns)
     return snap
+
+
+def run_torchrun(*args, env=None, nproc: int = 2, timeout: int = 900) -> Result:
+    """``cnnexplain *args`` under ``torch.distributed.run --standalone`` with ``nproc`` CPU
+    processes (``env`` added to the environment, PYTHONHASHSEED fixed)."""
+    full = {**os.environ, **(env or {}), "PYTHONHASHSEED": "0"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc_per_node={nproc}", "--module", "cnnexplain",
+                        *[str(a) for a in args]], env=full, capture_output=True, text=True,
+                       timeout=timeout)
+    return Result(p.returncode, p.stdout, p.stderr)

@@ -91,11 +91,13 @@ def _commands():
 
 
 def _options_class(command: str):
-    from cnnexplain.config import data, dissect, evaluate, info, report, saliency, tcav, train
+    from cnnexplain.config import data, dissect, evaluate, info, report, saliency, tcav, train, \
+        visualize
 
     return {"train-gated": train.TrainOptions, "evaluate-entanglement": evaluate.EvaluateOptions,
             "saliency": saliency.SaliencyOptions, "dissect": dissect.DissectOptions,
             "tcav": tcav.TcavOptions, "report": report.ReportOptions,
+            "visualize": visualize.VisualizeOptions,
             "data synth": data.SynthOptions, "data inspect": data.InspectOptions,
             "cache info": info.CacheOptions, "cache clear": info.CacheOptions,
             "backbones": info.BackbonesOptions, "layers": info.LayersOptions}[command]
@@ -105,7 +107,7 @@ def test_every_command_is_generated_from_its_declarations():
     """Every parameter of every command is a declared option (or an eager --help-methods /
     --list-methods flag), with the declared flag and default: a default exists once."""
     commands = _commands()
-    assert len(commands) == 12
+    assert len(commands) == 13
     for name, cmd in commands.items():
         decls = {d.name: d for d in declared(_options_class(name)) if d.opt.cli}
         params = {p.name: p for p in cmd.params if p.name not in ("help",)}

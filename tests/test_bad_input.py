@@ -4,14 +4,12 @@ fix, no traceback, and no new or modified file in --out or the cache."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pytest
-import torch
 
 from clihelp import assert_one_line_error, run_cli, run_inproc, snapshot
 

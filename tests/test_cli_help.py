@@ -6,7 +6,7 @@ import inspect
 import pytest
 
 from cnnexplain.cli.main import _register, app, reflow
-from clihelp import run_cli
+from clihelp import run_cli, run_inproc
 
 
 def test_every_command_row_is_its_first_paragraph_on_one_line():
@@ -51,3 +51,17 @@ def test_help_opens_with_a_short_description_and_an_example(command):
     assert 1 <= paragraphs[0].count(". ") + paragraphs[0].endswith(".") <= 3, paragraphs[0]
     assert paragraphs[1].startswith(f"Example: cnnexplain {command}"), paragraphs[1]
     assert len(body.splitlines()) < 25
+
+
+def test_layers_shows_the_stem_training_builds():
+    """`layers` probes the model train-gated would build for that input: the small stem at 32 px
+    (layer4 4x4), torchvision's with --stem imagenet (layer4 1x1)."""
+    import json as _json
+
+    def layer4(*extra):
+        r = run_inproc("layers", "--backbone", "resnet18", "--size", "32", "--json", *extra)
+        assert r.code == 0, r.err
+        return next(x["output"] for x in _json.loads(r.out) if x["layer"] == "layer4")
+
+    assert layer4() == [512, 4, 4]
+    assert layer4("--stem", "imagenet") == [512, 1, 1]

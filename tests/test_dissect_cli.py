@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -17,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from clihelp import assert_one_line_error, run_cli, run_inproc, snapshot
+from clihelp import assert_one_line_error, run_cli, run_inproc, run_torchrun, snapshot
 from data_fixtures import _one_thread, broden_export, copy_tree  # noqa: F401  (fixtures)
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -198,11 +195,8 @@ def test_torchrun_two_processes_give_the_single_process_result(broden_export, tm
     r = run_cli(*args, "--out", one, env=ONE_THREAD)
     assert r.code == 0, r.err
     two = tmp_path / "two"
-    env = {**os.environ, **ONE_THREAD, "PYTHONHASHSEED": "0"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", "--module", "cnnexplain", *args, "--out", str(two)],
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_torchrun(*args, "--out", two, env=ONE_THREAD)
+    assert p.code == 0, p.err[-3000:]
     for rel in ("dissect/tally.csv", "dissect/features/tally.csv", "dissect/features.3/tally.csv",
                 "dissect/summary.csv"):
         assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel

@@ -1,11 +1,8 @@
 """Backbones, layer lookup, the fx split, inserted convs and checkpoints."""
 
-import pickle
-import zipfile
 
 import pytest
 import torch
-from torch import nn
 
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.errors import CnnexplainError, UsageError

@@ -18,7 +18,7 @@ import pytest
 from clihelp import assert_one_line_error, run_inproc, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("summary", "entanglement", "training", "saliency", "dissection", "tcav")
+SECTIONS = ("summary", "entanglement", "training", "saliency", "dissection", "tcav", "visualization")
 
 
 def _pngs(html: str) -> list[bytes]:
@@ -142,7 +142,7 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
     through the shell pipeline and the report shows every section with decodable pictures."""
     out = tmp_path / "qs"
     env = dict(os.environ, QUICKSTART_IMAGES="120", QUICKSTART_EPOCHS="1",
-               QUICKSTART_BRODEN="24", QUICKSTART_BACKBONE="smallcnn",
+               QUICKSTART_BRODEN="24", QUICKSTART_BACKBONE="smallcnn", QUICKSTART_FINETUNE="1",
                CNNEXPLAIN_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     p = subprocess.run(["bash", str(ROOT / "recipes" / "quickstart.sh"), str(out)], env=env,
                        capture_output=True, text=True, timeout=1500)
@@ -158,8 +158,11 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
     for method in ("std", "picnn"):
         run = out / method
         for f in ("saliency/evaluation.csv", "saliency/grid.png", "dissect/tally.csv",
-                  "dissect/summary.csv", "tcav/tcav.csv"):
+                  "dissect/summary.csv", "tcav/tcav.csv", "visualize/index.csv"):
             assert (run / f).is_file(), (method, f)
+    # the gated runs start from std's trained network
+    ft = json.loads((out / "picnn" / "run.json").read_text())["commands"]["train-gated"]
+    assert ft["options"]["weights"] == str(out / "std" / "checkpoint.pt")
     summary = pd.read_csv(out / "report" / "summary.csv").set_index("run")
     assert list(summary.index) == ["std", "picnn", "cdcnn-r1p2"]
     for col in ("ACC1", "ACC3", "MIS"):

@@ -157,22 +157,23 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
                     reason="torchrun not installed")
-@pytest.mark.parametrize("method", [["picnn", "--preset", "paper"],
-                                    ["cdcnn-r1p2", "--lambda-neg", "1", "--gate-label", "true"]],
-                         ids=["picnn", "cdcnn-r1p2-neg"])
+@pytest.mark.parametrize("method", [["picnn", "--gate-warmup", "0"], ["cdcnn-r1p2", "--gate-warmup", "0"],
+                                    ["picnn", "--preset", "paper"]],
+                         ids=["picnn", "cdcnn-r1p2", "picnn-paper"])
 def test_torchrun_two_cpu_processes_match_a_single_process(tmp_path, method):
     """DDP (gloo) with the same global batch as one process. BatchNorm uses global batch
-    statistics (cnnexplain.training.distributed.sync_batchnorm_) and every gate draw (the wrong-mask classes of
-    --lambda-neg too) is cut from the global batch's draw, so the two runs compute the same
-    function; they differ only in float summation order (per-rank partial sums all-reduced vs one
-    sum), which SGD amplifies mildly over the 8 steps: weights must agree to 1e-4 absolute, gates
-    to 1e-5. (picnn with --lambda-neg, its default, is left out, and so are cdcnn-r1p2's default
-    pseudo-labels: there a rounding-level difference can flip one discrete pseudo-label or
-    Bernoulli draw in the second epoch, measured 2e-4 apart after two epochs against 4e-7 after
-    one.)"""
-    args = ["train-gated", "--backbone", "smallcnn", "--dataset", WORLD, "--batch-size", "16",
-            "--method", *method, "--epochs", "2", "--optimizer", "sgd", "--lr", "0.05",
-            "--device", "cpu", "--quiet", "--no-cache"]
+    statistics (cnnexplain.training.distributed.sync_batchnorm_) and every gate draw (the
+    wrong-mask classes of the default preset too; its warm-up is off so that every step is
+    gated) is cut from the global
+    batch's draw, so the two runs compute the same function; they differ only in float summation
+    order (per-rank partial sums all-reduced vs one sum): weights and gates must agree to 1e-5
+    absolute after 4 SGD steps over two epochs (measured <= 1e-6). Longer runs drift further apart
+    for a discrete reason, not a bug: a rounding-level difference in a gate probability flips one
+    Bernoulli draw now and then (measured 1e-4 after 8 steps), so the run is kept to 4 steps; a
+    rank that drew its own gates or saw its own images would differ by 1e-2."""
+    args = ["train-gated", "--backbone", "smallcnn", "--dataset", "synthetic:n=36,nval=4,ntest=16,res=32",
+            "--batch-size", "16", "--method", *method, "--epochs", "2", "--optimizer", "sgd",
+            "--lr", "0.05", "--device", "cpu", "--quiet", "--no-cache"]
     single = run_cli(*args, "--out", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
     assert single.code == 0, single.err
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
@@ -188,8 +189,7 @@ def test_torchrun_two_cpu_processes_match_a_single_process(tmp_path, method):
         if k.endswith("num_batches_tracked"):
             assert torch.equal(one[k], two[k]), k
             continue
-        tol = 1e-5 if k.startswith("gate/") else 1e-4
-        assert torch.allclose(one[k].float(), two[k].float(), atol=tol, rtol=0), \
+        assert torch.allclose(one[k].float(), two[k].float(), atol=1e-5, rtol=0), \
             (k, float((one[k].float() - two[k].float()).abs().max()))
     # the weights moved away from their initialization, so the agreement is not vacuous
     from cnnexplain.models import zoo

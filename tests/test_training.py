@@ -232,7 +232,8 @@ def test_wrong_mask_loss_is_the_kl_from_uniform():
 def test_wrong_mask_term_is_logged_and_trains(tmp_path):
     """``--lambda-neg``: ``loss_neg`` in the log (NaN when off), recorded in the checkpoint; it
     adds to the total loss."""
-    r = prepare(tmp_path, "neg", method="cdcnn-r1p2", epochs=1, lambda_neg=2.0).run()
+    r = prepare(tmp_path, "neg", method="cdcnn-r1p2", epochs=1, lambda_neg=2.0,
+                lambda_comp=0.0).run()
     row = r.log[-1]
     assert row["loss_neg"] >= 0 and math.isfinite(row["loss_neg"])
     assert row["loss"] == pytest.approx(row["loss_main"] + row["loss_gated"]
@@ -292,17 +293,18 @@ def test_every_method_trains_on_every_backbone(tmp_path, backbone, method):
 
 @pytest.mark.parametrize("backbone", ["smallcnn", "resnet18", "vgg11_bn", "mobilenet_v2"])
 @pytest.mark.parametrize("method,extra", [("picnn", {}), ("cdcnn-r1p2", {"gate_label": "pseudo"})])
-def test_wrong_mask_term_on_every_backbone(tmp_path, backbone, method, extra):
-    """The two known-answer variants with ``--lambda-neg``: the extra tail run works on every
+def test_default_gated_terms_on_every_backbone(tmp_path, backbone, method, extra):
+    """The default preset's wrong-mask and complement terms: the extra tail runs work on every
     backbone's layers after the gate (pooling + fc, BatchNorm'd heads, classifier blocks)."""
     train, val = world(n=32)
     r = prepare(tmp_path, f"{backbone}-{method}", train=train, val=val, backbone=backbone,
-                method=method, epochs=1, batch_size=16, lambda_neg=1.0, **extra).run()
+                method=method, epochs=1, batch_size=16, **extra).run()
     row = r.log[-1]
-    assert math.isfinite(row["loss_neg"]) and row["loss_neg"] >= 0
+    for term in ("loss_neg", "loss_comp"):
+        assert math.isfinite(row[term]) and row[term] >= 0
     gated_weight, reg = (2.0, 0.0) if method == "picnn" else (1.0, 0.05 * row["loss_reg"])
     assert row["loss"] == pytest.approx(row["loss_main"] + gated_weight * row["loss_gated"] + reg
-                                        + row["loss_neg"], rel=1e-6)
+                                        + row["loss_neg"] + row["loss_comp"], rel=1e-6)
 
 
 def test_insert_conv_gates_the_new_filters(tmp_path):
@@ -328,15 +330,20 @@ def test_augmentation_is_a_function_of_the_global_batch_draws():
 
 
 def test_presets_fill_only_what_is_not_given():
-    """default: the remedies (wrong-mask term 1, cdcnn-* gated by pseudo-labels); paper: the
-    seeds' losses; an explicit value wins; std has no wrong-mask term to weigh."""
-    assert (TrainConfig(method="cdcnn-r1p2").validate().lambda_neg,
-            TrainConfig(method="cdcnn-r1p2").validate().gate_label) == (1.0, "pseudo")
-    paper = TrainConfig(method="cdcnn-r1p2", preset="paper").validate()
-    assert (paper.lambda_neg, paper.gate_label) == (0.0, "true")
-    mixed = TrainConfig(method="cdcnn-r1p2", preset="paper", lambda_neg=2.0).validate()
-    assert (mixed.lambda_neg, mixed.gate_label) == (2.0, "true")
-    assert TrainConfig(method="std").validate().lambda_neg == 0.0
+    """default: the remedies (wrong-mask and complement terms 1, cdcnn-* gated by pseudo-labels,
+    gates from the second half of the epochs); paper: the seeds' losses; an explicit value wins;
+    std has no gated term to weigh and no gate to warm up."""
+    d = TrainConfig(method="cdcnn-r1p2", epochs=7).validate()
+    assert (d.lambda_neg, d.lambda_comp, d.gate_label, d.gate_warmup) == (1.0, 1.0, "pseudo", 3)
+    paper = TrainConfig(method="cdcnn-r1p2", preset="paper", epochs=7).validate()
+    assert (paper.lambda_neg, paper.lambda_comp, paper.gate_label, paper.gate_warmup) == \
+        (0.0, 0.0, "true", 0)
+    mixed = TrainConfig(method="cdcnn-r1p2", preset="paper", lambda_neg=2.0,
+                        gate_warmup=1).validate()
+    assert (mixed.lambda_neg, mixed.gate_label, mixed.gate_warmup) == (2.0, "true", 1)
+    assert TrainConfig(method="picnn", epochs=1).validate().gate_warmup == 0
+    s = TrainConfig(method="std").validate()
+    assert (s.lambda_neg, s.lambda_comp, s.gate_warmup) == (0.0, 0.0, 0)
 
 
 def test_paper_preset_trains_exactly_the_seeds_losses(tmp_path):
@@ -344,7 +351,7 @@ def test_paper_preset_trains_exactly_the_seeds_losses(tmp_path):
     true-label gates): identical checkpoints."""
     a = prepare(tmp_path, "paper", method="cdcnn-r1p2", epochs=1, preset="paper").run()
     b = prepare(tmp_path, "spelled", method="cdcnn-r1p2", epochs=1, lambda_neg=0.0,
-                gate_label="true").run()
+                lambda_comp=0.0, gate_label="true").run()
     (ta, _), (tb, _) = tensors(a.checkpoint), tensors(b.checkpoint)
     assert ta.keys() == tb.keys()
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
@@ -361,3 +368,54 @@ def test_dihedral_augmentation_is_a_symmetry_of_the_square():
         images = [torch.rot90(v, k, dims=(-2, -1)) for v in (a, a.flip(-1)) for k in range(4)]
         assert any(torch.equal(b, im) for im in images)
     assert not torch.equal(x, y)
+
+
+def test_complement_term_is_the_tail_without_the_true_class_cluster(tmp_path):
+    """``lambda_comp``: the tail on every channel but the true class's cluster (mask 1 - M[y])
+    pulled towards no answer; logged as loss_comp and added to the total with its weight."""
+    from cnnexplain.models.gates import GateNoise, GatedNetwork, make_gate
+    from cnnexplain.training.loop import wrong_mask_loss
+
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+    tail = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(4, 3))
+
+    class Body(torch.nn.Module):
+        def forward(self, x):
+            return (body(x),)
+
+    gate = make_gate("cdcnn-r1p2", 4, 3)
+    net = GatedNetwork(Body(), tail, gate, complement=True)
+    x, y = torch.rand(5, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1])
+    noise = GateNoise.draw(torch.Generator().manual_seed(0), 5, 4)
+    _, _, draw = net(x, y, noise)
+    expected = tail(body(x) * (1 - gate.matrix().t()[y])[:, :, None, None])
+    torch.testing.assert_close(draw.complement_logits, expected)
+    r = prepare(tmp_path, "comp", method="cdcnn-r1p2", epochs=1, lambda_neg=0.0,
+                lambda_comp=3.0).run()
+    row = r.log[-1]
+    assert row["loss_comp"] >= 0 and math.isfinite(row["loss_comp"])
+    assert row["loss"] == pytest.approx(row["loss_main"] + row["loss_gated"]
+                                        + 0.05 * row["loss_reg"] + 3.0 * row["loss_comp"],
+                                        rel=1e-6)
+    off = prepare(tmp_path, "nocomp", method="cdcnn-r1p2", epochs=1, preset="paper").run()
+    assert math.isnan(off.log[-1]["loss_comp"])
+    assert wrong_mask_loss(torch.zeros(2, 3)).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_gated_training_can_start_from_a_trained_checkpoint(tmp_path):
+    """`weights` may be a cnnexplain checkpoint: the gated run starts from that network (gated
+    fine-tuning of a trained std model, as PICNN fine-tunes a trained network), and the default
+    preset then skips its warm-up (the features are learned already)."""
+    from cnnexplain.training.loop import build_model
+
+    std = prepare(tmp_path, "std", method="std", epochs=1).run()
+    cfg = TrainConfig(backbone="smallcnn", method="picnn", epochs=4,
+                      weights=str(std.best)).validate()
+    assert cfg.gate_warmup == 0 and TrainConfig(method="picnn", epochs=4).validate().gate_warmup == 2
+    model, _ = build_model(cfg, num_classes=6)
+    trained = load_checkpoint(std.best).state_dict
+    assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
+    r = prepare(tmp_path, "ft", method="picnn", epochs=1, weights=str(std.best)).run()
+    assert math.isfinite(r.log[-1]["loss_gated"])

@@ -8,3 +8,4 @@ from cnnexplain.cli import train, evaluate  # noqa: F401
 from cnnexplain.cli import saliency  # noqa: F401
 from cnnexplain.cli import dissect  # noqa: F401
 from cnnexplain.cli import tcav  # noqa: F401
+from cnnexplain.cli import visualize  # noqa: F401

@@ -37,13 +37,13 @@ def backbones(options: BackbonesOptions):
 def layers(options: LayersOptions):
     from cnnexplain.models.layers import layer_shapes
 
-    rows, size = layer_shapes(options.backbone, options.size, options.num_classes,
-                              options.insert_conv)
+    rows, size, stem = layer_shapes(options.backbone, options.size, options.num_classes,
+                                    options.insert_conv, options.stem)
     backbone, json_output = options.backbone, options.json_output
     if json_output:
         sys.stdout.write(json.dumps(rows) + "\n")
         return
-    table = Table(title=f"{backbone} layers (input {size}x{size})")
+    table = Table(title=f"{backbone} layers (input {size}x{size}, {stem} stem)")
     for col in ("layer", "type", "output [C, H, W]", ""):
         table.add_column(col)
     for r in rows:
@@ -57,4 +57,5 @@ command(app, "backbones", BackbonesOptions, backbones,
              "each expects.")
 command(app, "layers", LayersOptions, layers,
         help="List a backbone's layers (dotted names for --layer) with their output shapes.\n\n"
-             "Example: cnnexplain layers --backbone resnet18 --size 32")
+             "Example: cnnexplain layers --backbone resnet18 --size 32 (the small stem that "
+             "train-gated builds for 32 px; --stem imagenet shows torchvision's)")

@@ -44,11 +44,12 @@ class DissectConfig:
     negative: bool = option(False, help="Also label every unit by its lowest activations (the "
                             "bottom `quantile`, mask: activation below it), from the same maps; "
                             "written beside the positive outputs.", panel=DISSECT)
-    rotate: int | None = option(None, low=0, high=2**64 - 1, help="Also dissect each layer "
-                                "after a random orthogonal rotation of its channels seeded by "
-                                "this number, and compare its unique concepts with the "
-                                "unrotated layer's (Bau et al. 2017).", panel=DISSECT,
-                                show_default=False, metavar="SEED")
+    rotate: int | None = option(None, low=0, help="Also dissect each layer after a random "
+                                "orthogonal rotation of its channels seeded by this number, and "
+                                "compare its unique concepts with the unrotated layer's (Bau et "
+                                "al. 2017).", panel=DISSECT, show_default=False, metavar="SEED",
+                                check=lambda v: f"must be less than 2**64 (a torch seed), got "
+                                f"{v}" if v >= 2**64 else None)
     max_exact_bytes: int = option(MAX_EXACT_BYTES, low=1, cli=False, help="Largest exact-mode "
                                   "buffer.")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnnexplain.config.common import STEM_CHOICES, STEM_HELP
 from cnnexplain.config.fields import option
 
 JSON_HELP = "Print a machine-readable JSON summary to stdout, nothing else."
@@ -24,6 +25,7 @@ class LayersOptions:
                                      show_default=False)
     insert_conv: int | None = option(None, low=1, help="Show the model with an inserted N-filter "
                                      "conv.", show_default=False)
+    stem: str = option("auto", choices=STEM_CHOICES, help=STEM_HELP)
     json_output: bool = option(False, name="json", help=JSON_HELP)
 
 

@@ -34,12 +34,17 @@ STL-10: flip-crop; anything else: none, since a flip can change a digit or a let
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("stable-decay", "cosine", "constant")
 PRESETS = {
-    "default": {"lambda_neg": 1.0, "gate_label": "pseudo"},
-    "paper": {"lambda_neg": 0.0, "gate_label": "true"},
+    "default": {"lambda_neg": 1.0, "lambda_comp": 1.0, "gate_label": "pseudo",
+                "gate_warmup": "half"},
+    "paper": {"lambda_neg": 0.0, "lambda_comp": 0.0, "gate_label": "true", "gate_warmup": 0},
 }
-"""Loss presets: ``paper`` is the seeds' exact losses (no wrong-mask term, cdcnn-* gated by the
-true label); ``default`` adds the remedies against label leakage that make the channels
-class-specific (README, "Gated training"). Explicit ``lambda_neg`` / ``gate_label`` win."""
+"""Loss presets: ``paper`` is the seeds' exact losses (no wrong-mask or complement term, cdcnn-*
+gated by the true label, gates trained from the first epoch); ``default`` adds the remedies
+that make the channels class-specific (README, "Gated training"): the wrong-mask term against
+label leakage, the complement term, pseudo-label gates for cdcnn-*, and plain training for the
+first half of the epochs (``"half"``: ``epochs // 2``; 0 when ``weights`` start the network
+trained) so that the gate starts on learned features.
+Explicit ``lambda_neg`` / ``lambda_comp`` / ``gate_label`` / ``gate_warmup`` win."""
 MAX_LR = 1e30
 """Largest accepted learning rate (beyond it the optimizers' float32 arithmetic overflows)."""
 
@@ -53,9 +58,11 @@ class TrainConfig:
                            panel=MODEL)
     num_classes: int | None = option(None, low=1, help="Classes of the head (default: the "
                                      "dataset's).", panel=MODEL, show_default=False)
-    weights: str | None = option(None, help="PATH to a torchvision state_dict, or 'imagenet' "
-                                 "(torchvision's weights from the local torch hub cache). "
-                                 "Default: random init.", panel=MODEL, show_default=False)
+    weights: str | None = option(None, help="PATH to a torchvision state_dict or to a "
+                                 "cnnexplain checkpoint (its network's weights: gated training "
+                                 "of a trained std model), or 'imagenet' (torchvision's weights "
+                                 "from the local torch hub cache). Default: random init.",
+                                 panel=MODEL, show_default=False)
     stem: str = option("auto", choices=STEM_CHOICES, help=STEM_HELP, panel=MODEL)
     layer: str | None = option(None, help="Dotted module name of the gated layer, e.g. layer4 "
                                "(see `cnnexplain layers`). Default: the backbone's last conv "
@@ -67,10 +74,10 @@ class TrainConfig:
     method: str = option("picnn", choices=METHODS, help="std, cdcnn-r1p2, cdcnn-r1p1, "
                          "cdcnn-r0p1 or picnn (see `help_methods`).", panel=METHOD)
     preset: str = option("default", choices=tuple(PRESETS), help="default: the remedies "
-                         "against label leakage (`lambda_neg` 1; cdcnn-* gated by "
-                         "pseudo-labels); paper: the seeds' exact losses (`lambda_neg` 0, "
-                         "true-label gates). Explicit `lambda_neg` / `gate_label` win.",
-                         panel=METHOD)
+                         "for class-specific clusters (`lambda_neg` 1, `lambda_comp` 1, cdcnn-* "
+                         "gated by pseudo-labels, `gate_warmup` half the epochs); paper: the "
+                         "seeds' exact losses (both terms 0, true-label gates, no warm-up). "
+                         "Explicit values win.", panel=METHOD)
     lambda1: float = option(1.0, low=0, help="cdcnn-*: weight λ1 of the gated cross-entropy "
                             "CE(y, ŷ_W).", panel=METHOD)
     lambda2: float = option(0.05, low=0, help="cdcnn-r1p2 / r1p1: weight λ2 of the sparsity "
@@ -82,6 +89,12 @@ class TrainConfig:
                                       "another class's row and is pulled towards no answer "
                                       "(see `help_methods`). Default: the preset's (1; paper: "
                                       "0).", panel=METHOD, example=1, show_default=False)
+    lambda_comp: float | None = option(None, low=0, help="Weight of the complement term (not "
+                                       "in the seeds): the tail also runs on every channel but "
+                                       "the true class's cluster and is pulled towards no "
+                                       "answer, so that removing a class's cluster removes the "
+                                       "class (ACC3). Default: the preset's (1; paper: 0).",
+                                       panel=METHOD, example=1, show_default=False)
     delta_start: float = option(1.0, low=0, low_open=True, help="cdcnn-r1p1 / r0p1: initial "
                                 "temperature δ.", panel=METHOD)
     delta_end: float = option(0.05, low=0, low_open=True, help="cdcnn-r1p1 / r0p1: final δ "
@@ -112,8 +125,10 @@ class TrainConfig:
     gated_tail: str = option("shared", choices=GATED_TAILS, help="shared: the gated loss also "
                              "trains the layers after the gate (the seeds); frozen: only the "
                              "layers up to the gate and the gate.", panel=METHOD)
-    gate_warmup: int = option(0, low=0, help="Epochs of plain training before the gated pathway "
-                              "starts.", panel=METHOD)
+    gate_warmup: int | None = option(None, low=0, help="Epochs of plain training before the "
+                                     "gated pathway starts. Default: the preset's (half the "
+                                     "epochs, rounded down, or 0 from `weights`; paper: 0).",
+                                     panel=METHOD, example=5, show_default=False)
     epochs: int = option(10, low=1, help="Training epochs.", panel=TRAINING)
     batch_size: int = option(64, low=1, help="Images per step (global batch under torchrun).",
                              panel=DATA)
@@ -160,9 +175,12 @@ class TrainConfig:
         """Usage errors for impossible values (before anything is built or written)."""
         check(self)
         for name, value in PRESETS[self.preset].items():
-            if getattr(self, name) is None:  # std has no gate: no wrong-mask term to weigh
-                setattr(self, name, 0.0 if name == "lambda_neg" and self.method == "std"
-                        else value)
+            if getattr(self, name) is None:  # std has no gate: no gated terms, no warmup
+                if self.method == "std" and name.startswith(("lambda", "gate_warmup")):
+                    value = 0.0 if name.startswith("lambda") else 0
+                elif value == "half":  # no warm-up for a network that starts trained
+                    value = 0 if self.weights is not None else self.epochs // 2
+                setattr(self, name, value)
         if not (0 <= self.gate_warmup < self.epochs or self.method == "std"):
             raise UsageError(f"`gate_warmup` {self.gate_warmup} must be less than `epochs` "
                              f"{self.epochs}", "lower `gate_warmup` or raise `epochs`")

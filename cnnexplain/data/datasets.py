@@ -69,8 +69,15 @@ def carve_val(n: int, seed: int, val_fraction: float) -> tuple[np.ndarray, np.nd
     if n < 2:
         raise CnnexplainError(f"cannot carve a validation split from {n} training image(s)",
                               "add training images or provide a val/ split")
+    return holdout(n, val_fraction, seed)
+
+
+def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept, held out) positions in [0, n), n >= 2, both sorted int64: the held-out ones are the
+    first ``min(n - 1, max(1, round(fraction * n)))`` of ``np.random.default_rng(seed).
+    permutation(n)`` (validation carving here, a CAV's test split in TCAV)."""
     perm = np.random.default_rng(seed).permutation(n)
-    k = min(n - 1, max(1, int(round(n * val_fraction))))
+    k = min(n - 1, max(1, int(round(fraction * n))))
     return np.sort(perm[k:]), np.sort(perm[:k])
 
 

@@ -59,7 +59,7 @@ def run(plan: Plan, session: Session):
     """The dissection of every layer in one forward pass, and the concepts of each class's
     channel cluster of a gated model: ``(result, clusters or None)``."""
     from cnnexplain.explain.dissect.labels import cluster_rows
-    from cnnexplain.explain.dissect.run import dissect
+    from cnnexplain.explain.dissect.run import dissect, silent_layers
     from cnnexplain.models.gates import class_clusters, gate_threshold
 
     loaded = plan.resolved.loaded
@@ -68,6 +68,12 @@ def run(plan: Plan, session: Session):
                      config=config, device=session.device, model_fingerprint=loaded.fingerprint,
                      cache=session.cache, progress=session.progress, dist=session.dist,
                      plans=plan.plans)
+    for layer in silent_layers(result, "negative"):
+        session.notice(f"layer {layer}: no unit has activations below its negative "
+                       "threshold (the bottom `quantile` of its activations), so `negative` "
+                       "labels nothing there (a layer after a ReLU is >= 0 and its bottom "
+                       "quantile is 0); dissect the module before the activation for it, "
+                       "e.g. a BatchNorm")
     clusters = None
     if plan.matrix is not None:
         if plan.gated_layer in result.layers:
@@ -95,8 +101,12 @@ def write(plan: Plan, computed, session: Session) -> Output:
     loaded, config = plan.resolved.loaded, plan.options.config
     paths = []
     if session.dist.is_main:
+        from cnnexplain.jobs.building_blocks import visualizations
+
+        visuals = {layer: visualizations(session.layout, layer, loaded.fingerprint)
+                   for layer in plan.layers}
         paths = write_dissection(result, session.out, load_image=image_loader(plan.data),
-                                 clusters=clusters,
+                                 clusters=clusters, visuals=visuals,
                                  title=f"Network Dissection: {loaded.backbone} "
                                        f"({loaded.source}) on {plan.root}")
     summary = {"images": result.n_images, "quantile": config.quantile,

@@ -159,6 +159,7 @@ class GateDraw:
     index: torch.Tensor
     other: torch.Tensor | None = None
     other_logits: torch.Tensor | None = None
+    complement_logits: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,12 +496,15 @@ class GatedNetwork(nn.Module):
     the body runs once; the gated pathway re-runs only the tail on ``a * mask``. With
     ``wrong_mask=True`` the tail also runs on ``a`` masked by the membership row of another class
     (``draw.other``, :meth:`Gate.other_class`), giving ``draw.other_logits``: the wrong-mask
-    term of ``train-gated``'s ``lambda_neg``.
+    term of ``train-gated``'s ``lambda_neg``. With ``complement=True`` it runs on ``a`` masked
+    by one minus the true class's row (every channel but the class's own), giving
+    ``draw.complement_logits``: the complement term of ``lambda_comp``.
     Parameters are shared with the network the split was made from.
     """
 
     def __init__(self, body: nn.Module, tail: nn.Module, gate: Gate | None,
-                 gated_tail: str = "shared", wrong_mask: bool = False):
+                 gated_tail: str = "shared", wrong_mask: bool = False,
+                 complement: bool = False):
         super().__init__()
         check_choice("gated_tail", gated_tail)
         self.body = body
@@ -508,6 +512,7 @@ class GatedNetwork(nn.Module):
         self.gate = gate
         self.gated_tail = gated_tail
         self.wrong_mask = bool(wrong_mask)
+        self.complement = bool(complement)
 
     def _gated(self, a: torch.Tensor, extras) -> torch.Tensor:
         """The tail on the masked maps; with ``gated_tail="frozen"`` the gated loss reaches the
@@ -531,6 +536,9 @@ class GatedNetwork(nn.Module):
         if self.wrong_mask:
             draw.other = self.gate.other_class(labels, noise.other)
             draw.other_logits = self._gated(apply_mask(a, self.gate.mask(draw.other)), extras)
+        if self.complement:
+            draw.complement_logits = self._gated(apply_mask(a, 1 - self.gate.mask(labels)),
+                                                 extras)
         return logits, gated, draw
 
 

@@ -190,16 +190,20 @@ def _ancestors(nodes) -> set:
 
 
 def layer_shapes(backbone: str, size: int = 64, num_classes: int | None = None,
-                 insert: int | None = None) -> tuple[list[dict], int]:
+                 insert: int | None = None, stem: str | None = None
+                 ) -> tuple[list[dict], int, str]:
     """Every named module of ``backbone`` with its type and output shape ``[C, H, W]`` for a
     ``size`` x ``size`` input (at least the backbone's minimum), and whether it is the
-    default target layer: ``(rows, size used)``."""
+    default target layer, for the stem ``stem`` (None / ``auto``: the one
+    :func:`cnnexplain.models.zoo.choose_stem` picks for that input, as training does):
+    ``(rows, size used, stem)``."""
     from cnnexplain.models import zoo
     from cnnexplain.models.network import build_network
 
     spec = zoo.get_spec(backbone)
     size = max(size, spec.min_size)
-    model, target = build_network(backbone, num_classes or 10, insert=insert)
+    stem = zoo.choose_stem(spec, stem, size)
+    model, target = build_network(backbone, num_classes or 10, insert=insert, stem=stem)
     model.eval()
     shapes: dict[str, list[int]] = {}
     handles = []
@@ -220,7 +224,7 @@ def layer_shapes(backbone: str, size: int = 64, num_classes: int | None = None,
             h.remove()
     rows = [{"layer": n, "type": type(m).__name__, "output": shapes.get(n), "default": n == target}
             for n, m in model.named_modules() if n]
-    return rows, size
+    return rows, size, stem
 
 
 ONE_BY_ONE_FIX = ("train with the small-input stem (`stem=small`, the default for inputs of at "

@@ -153,6 +153,26 @@ def build_report(runs: list[RunResults], out: Path, progress=None) -> Report:
     if tc:
         tc = said("tcav") + tc
     sections.append(("tcav", "TCAV", tc))
+    vis = ""
+    for r in runs:
+        if r.visualize_index is None:
+            continue
+        keep = [c for c in ("layer", "unit", "direction", "objective", "objective_value",
+                            "top_example_objective", "dissect_label", "dissect_iou")
+                if c in r.visualize_index]
+        rows = r.visualize_index[keep].drop_duplicates(subset=[c for c in ("unit", "direction")
+                                                               if c in keep])
+        vis += (f"<h3>{H.esc(r.name)}</h3>{H.img(r.visualize_grid, r.name + ' visualization')}"
+                f"{H.table(rows.head(40))}")
+    if vis:
+        vis = ("<p class=\"muted\">Per unit: images optimized to maximize (or minimize) it "
+               "(Olah, Mordvintsev and Schubert 2017, Feature Visualization), then its top "
+               "dataset examples with its map over them; objective_value is what the optimized "
+               "image reaches, top_example_objective the same objective on the best dataset "
+               "image, dissect_label the unit's Network Dissection label (Bau et al. 2017) "
+               "where a dissect run of the same model is in the run directory. Each run's "
+               "visualize/index.html has every image and the bottom examples.</p>" + vis)
+    sections.append(("visualization", "Feature visualization", vis))
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     page = H.page("cnnexplain report", f"{len(runs)} run(s): {', '.join(r.name for r in runs)} "
                   f"- cnnexplain {__version__} - {stamp}", sections)

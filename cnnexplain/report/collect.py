@@ -33,6 +33,8 @@ class RunResults:
     dissect_clusters: pd.DataFrame | None = None
     tcav: pd.DataFrame | None = None
     tcav_png: Path | None = None
+    visualize_index: pd.DataFrame | None = None
+    visualize_grid: Path | None = None
 
     @property
     def sections(self) -> list[str]:
@@ -47,6 +49,8 @@ class RunResults:
             found.append("dissection")
         if self.tcav is not None:
             found.append("tcav")
+        if self.visualize_index is not None:
+            found.append("visualization")
         return found
 
     def command(self, name: str) -> dict:
@@ -77,7 +81,7 @@ def _png(path: Path) -> Path | None:
 
 def collect(run_dir: str | Path, notice: Callable[[str], None] = lambda m: None) -> RunResults:
     """Read ``run_dir``: run.json, train_log.csv, gate.png, entanglement*.csv, saliency/,
-    dissect/ and tcav/ (see :mod:`cnnexplain.layout`)."""
+    dissect/, tcav/ and visualize/ (see :mod:`cnnexplain.layout`)."""
     run_dir = Path(run_dir)
     layout = RunLayout(run_dir)
     res = RunResults(path=run_dir, name=run_dir.resolve().name)
@@ -104,4 +108,6 @@ def collect(run_dir: str | Path, notice: Callable[[str], None] = lambda m: None)
         if pattern.parent.is_dir() else []
     res.tcav = _csv(layout.tcav_table, notice)
     res.tcav_png = _png(layout.tcav_plot)
+    res.visualize_index = _csv(layout.visualize_index, notice)
+    res.visualize_grid = _png(layout.visualize_grid)
     return res

@@ -72,13 +72,16 @@ from cnnexplain.training.state import (EpochBatches, derive_seed, generator, rng
                                        set_rng_state)
 
 
-LOG_COLUMNS = ["epoch", "loss", "loss_main", "loss_gated", "loss_reg", "loss_neg", "train_acc1",
+LOG_COLUMNS = ["epoch", "loss", "loss_main", "loss_gated", "loss_reg", "loss_neg", "loss_comp",
+               "train_acc1",
                "train_gated_acc", "pseudo_match", "gated_follows_mask", "val_acc1", "val_acc2",
                "val_acc3", "gate_density", "gate_l1_density", "gate_peakedness", "delta", "lr",
                "gate_lr", "epoch_time_s"]
 """``train_log.csv`` columns. ``loss_main``: CE of the full pathway (seed 000's ``CE(y, ŷ)``,
 seed 004's ``L_dis``); ``loss_gated``: CE of the gated pathway (``CE(y, ŷ_W)`` / ``L_int``);
-``loss_reg``: ``||W||_{1,2}``; ``loss_neg``: the wrong-mask term of ``lambda_neg``
+``loss_reg``: ``||W||_{1,2}``; ``loss_comp``: the complement term of ``lambda_comp``
+(:func:`wrong_mask_loss` on the tail's answer without the true class's cluster);
+``loss_neg``: the wrong-mask term of ``lambda_neg``
 (:func:`wrong_mask_loss`); ``loss``: the weighted total. ``train_gated_acc``: accuracy of the
 gated pathway on the training masks; ``pseudo_match``: fraction of samples whose mask row
 was their true class; ``gated_follows_mask``: fraction of samples whose gated prediction is the
@@ -130,7 +133,8 @@ def resolve_stem(config: TrainConfig, train: Dataset) -> str:
     return zoo.choose_stem(spec, config.stem, side)
 
 
-_STEP_SUMS = ("loss", "loss_main", "loss_gated", "loss_reg", "loss_neg", "train_acc1",
+_STEP_SUMS = ("loss", "loss_main", "loss_gated", "loss_reg", "loss_neg", "loss_comp",
+              "train_acc1",
               "train_gated_acc", "pseudo_match", "gated_follows_mask", "n")
 """Per-step values :meth:`Trainer._train_epoch` sums (in this order) and averages over the
 epoch's steps (``n``, last, counts them); all-reduced in one tensor under DDP."""
@@ -318,15 +322,17 @@ class Trainer:
         gate = make_gate(config.method, channels, num_classes, **config.gate_hparams())
         if config.lambda1 == 0 and config.method.startswith("cdcnn"):
             notice("`lambda1=0` switches the gated pathway off: the gate will not learn")
-        if config.lambda_neg > 0 and gate is None:
-            notice("`lambda_neg` applies to the gated methods only; `method=std` trains without it")
+        if (config.lambda_neg > 0 or config.lambda_comp > 0) and gate is None:
+            notice("`lambda_neg` and `lambda_comp` apply to the gated methods only; `method=std` "
+                   "trains without them")
         model.to(device)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)
         if gate is not None:
             gate.to(device)
         net = GatedNetwork(split.body, split.tail, gate, config.gated_tail,
-                           wrong_mask=gate is not None and config.lambda_neg > 0).to(device)
+                           wrong_mask=gate is not None and config.lambda_neg > 0,
+                           complement=gate is not None and config.lambda_comp > 0).to(device)
         item_bytes = image.numel() * 4
         total = len(train) + (len(val) if val is not None else 0)
         memo = workers == 0 and item_bytes * total <= MEMO_BYTES
@@ -445,6 +451,7 @@ class Trainer:
         weight_gated = (c.lam if c.method == "picnn" else c.lambda1) if gated_on else 0.0
         weight_reg = c.lambda2 if (gated_on and c.method in ("cdcnn-r1p2", "cdcnn-r1p1")) else 0.0
         weight_neg = c.lambda_neg if gated_on else 0.0
+        weight_comp = c.lambda_comp if gated_on else 0.0
         names = TERM_NAMES[c.method]
         steps = self.steps_per_epoch
         total = steps * c.epochs
@@ -476,7 +483,8 @@ class Trainer:
             logits = logits.float()
             main = F.cross_entropy(logits, y)
             zero = logits.new_zeros(())
-            gated_loss, reg, neg, match = zero, zero, zero, torch.ones((), device=self.device)
+            gated_loss, reg, neg, comp = zero, zero, zero, zero
+            match = torch.ones((), device=self.device)
             if gated is not None:
                 gated = gated.float()
                 per = F.cross_entropy(gated, y, reduction="none")
@@ -491,9 +499,12 @@ class Trainer:
                     reg = self.gate.regularizer()
                 if draw.other_logits is not None:
                     neg = wrong_mask_loss(draw.other_logits.float())
-            loss = main + weight_gated * gated_loss + weight_reg * reg + weight_neg * neg
+                if draw.complement_logits is not None:
+                    comp = wrong_mask_loss(draw.complement_logits.float())
+            loss = (main + weight_gated * gated_loss + weight_reg * reg + weight_neg * neg
+                    + weight_comp * comp)
             terms = [(names[0], main), (names[1] or "gated", gated_loss), (names[2] or "reg", reg),
-                     ("L_neg", neg)]
+                     ("L_neg", neg), ("L_comp", comp)]
             self._check_finite(terms, epoch, step)
             self._opt.zero_grad(set_to_none=True)
             if self._gate_opt is not None:
@@ -520,7 +531,8 @@ class Trainer:
                     gacc = (gated_pred == y).float().mean()
                     follows = (gated_pred == draw.index).float().mean()
                 values = {"loss": loss, "loss_main": main, "loss_gated": gated_loss,
-                          "loss_reg": reg, "loss_neg": neg, "train_acc1": acc1,
+                          "loss_reg": reg, "loss_neg": neg, "loss_comp": comp,
+                          "train_acc1": acc1,
                           "train_gated_acc": gacc, "pseudo_match": match,
                           "gated_follows_mask": follows, "n": torch.ones((), device=self.device)}
                 row = torch.stack([values[k].detach().float() for k in _STEP_SUMS]).double().cpu()
@@ -532,8 +544,8 @@ class Trainer:
         avg = dict(zip(_STEP_SUMS, (sums / max(float(sums[-1]), 1.0)).tolist()))
         del avg["n"]
         has_gate = self.gate is not None
-        absent = [k for k, off in (("loss_reg", weight_reg == 0), ("loss_neg", weight_neg == 0))
-                  if off]
+        absent = [k for k, off in (("loss_reg", weight_reg == 0), ("loss_neg", weight_neg == 0),
+                                   ("loss_comp", weight_comp == 0)) if off]
         if not has_gate:
             absent += ["loss_gated", "train_gated_acc", "pseudo_match", "gated_follows_mask"]
         return {**avg, **dict.fromkeys(absent, float("nan")),

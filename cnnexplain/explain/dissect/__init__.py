@@ -27,8 +27,8 @@ from cnnexplain.explain.dissect.run import (
 )
 from cnnexplain.explain.dissect.tally import Tally, accumulate_tallies
 
-__all__ = ["DEFAULT_IOU_THRESHOLD", "IOU_MODES", "QUANTILE_MODES", "ConceptSpace",
+__all__ = ["DEFAULT_IOU_THRESHOLD", "IOU_MODES", "QUANTILE_MODES", "VARIANTS", "ConceptSpace",
            "DissectConfig", "DissectionResult", "LayerResult", "RadixSketch", "Tally",
            "TopCandidates", "UnitLabels", "accumulate_tallies", "check_memory", "cluster_rows",
            "detector_summary", "dissect", "image_loader", "iou", "label_units", "plan_layers",
-           "rotate_maps", "rotation_matrix", "VARIANTS", "write_dissection"]
+           "rotate_maps", "rotation_matrix", "write_dissection"]

@@ -30,7 +30,9 @@ Layout under ``DIR/dissect/`` (every file written atomically, after the computat
                           (detectors-<i>.png), the category table, and per unit its label, IoU
                           and a strip of its top images (images/<i>/unit-<k>.jpg), each drawn
                           as (0.8 * mask + 0.2) * image like NetDissect-Lite's report
-                          (mask: the unit's map resized bilinearly to the image and > T_k).
+                          (mask: the unit's map resized bilinearly to the image and > T_k),
+                          and, when a visualize run of the same model optimized the layer's
+                          channels in the same run directory, each unit's visualization.
                           With `negative`, the same for the lowest activations
                           (negative-detectors-<i>.png, images/negative/<i>/); with `rotate`, the
                           table of rotation.csv. Every text from data (names, layers) is
@@ -43,6 +45,7 @@ import csv
 import html
 import io as _io
 import json
+import os
 from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
@@ -251,7 +254,7 @@ def _write_h5(path: Path, result, view: str = "positive") -> None:
 _CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border-bottom:1px solid #ddd;padding:.2em .6em;
 text-align:left}th{background:#f4f4f4}.det{color:#070;font-weight:600}.no{color:#999}
-img.strip{height:72px;display:block}code{background:#f4f4f4;padding:0 .2em}"""
+img.strip{height:72px;display:block}img.vis{height:72px;width:72px;image-rendering:pixelated}code{background:#f4f4f4;padding:0 .2em}"""
 
 
 def _e(x) -> str:
@@ -260,6 +263,11 @@ def _e(x) -> str:
 
 def _src(path: Path, base: Path) -> str:
     return _e(quote(path.relative_to(base).as_posix()))
+
+
+def _rel(path: Path, base: Path) -> str:
+    """``path`` relative to ``base`` even outside it (``../visualize/...``), URL-quoted."""
+    return _e(quote(Path(os.path.relpath(path, base)).as_posix()))
 
 
 VIEW_NOTES = {
@@ -275,8 +283,10 @@ VIEW_NOTES = {
 
 
 def _layer_sections(result, view: str, base: Path, bars: dict[str, Path],
-                    strips: dict[str, dict[int, Path]]) -> list[str]:
-    """Per layer of one view: heading, bar graph, category table and the unit table."""
+                    strips: dict[str, dict[int, Path]],
+                    visuals: dict[str, dict[int, Path]] | None = None) -> list[str]:
+    """Per layer of one view: heading, bar graph, category table and the unit table (with a
+    column of the units' feature visualizations where ``visuals`` has the layer)."""
     cfg = result.config
     cats = result.space.categories
     suffix, note = VIEW_NOTES[view]
@@ -292,8 +302,10 @@ def _layer_sections(result, view: str, base: Path, bars: dict[str, Path],
         for r in rows:
             parts.append(f"<tr><td>{_e(r['category'])}</td><td>{r['detector_units']}</td>"
                          f"<td>{r['unique_concepts']}</td></tr>")
+        vis = (visuals or {}).get(name) or {}
+        vis_head = "<th>visualization</th>" if vis else ""
         parts.append(f"</table><p>{note}</p><table><tr><th>unit</th><th>label</th>"
-                     "<th>category</th><th>IoU</th><th>top images</th></tr>")
+                     f"<th>category</th><th>IoU</th>{vis_head}<th>top images</th></tr>")
         lab = lr.labels
         for u in np.argsort(-lab.score, kind="stable"):
             det = lab.score[u] > cfg.iou_threshold
@@ -301,8 +313,13 @@ def _layer_sections(result, view: str, base: Path, bars: dict[str, Path],
             cat = cats[lab.category[u]] if cats else ""
             img = (f"<img class='strip' loading='lazy' src='{_src(strips[name][u], base)}' "
                    f"alt='unit {u + 1}'>" if u in strips.get(name, {}) else "")
+            cell = ""
+            if vis:
+                cell = (f"<td><img class='vis' loading='lazy' src='{_rel(vis[u], base)}' "
+                        f"alt='unit {u + 1} visualization'></td>" if u in vis else "<td></td>")
             parts.append(f"<tr><td>{u + 1}</td><td class='{'det' if det else 'no'}'>{_e(label)}"
-                         f"</td><td>{_e(cat)}</td><td>{lab.score[u]:.4f}</td><td>{img}</td></tr>")
+                         f"</td><td>{_e(cat)}</td><td>{lab.score[u]:.4f}</td>{cell}<td>{img}</td>"
+                         "</tr>")
         parts.append("</table>")
     return parts
 
@@ -344,7 +361,8 @@ def _rotation_section(result) -> list[str]:
 
 def render_html(result, base: Path, bars: dict[str, Path], strips: dict[str, dict[int, Path]],
                 clusters: list[dict] | None, title: str,
-                view_figures: dict[str, tuple[dict, dict]] | None = None) -> str:
+                view_figures: dict[str, tuple[dict, dict]] | None = None,
+                visuals: dict[str, dict[int, Path]] | None = None) -> str:
     """The report page (module docstring); every text from data is escaped. ``bars`` and
     ``strips`` are the positive view's, ``view_figures`` ``{view: (bars, strips)}`` the other
     views'."""
@@ -355,7 +373,7 @@ def render_html(result, base: Path, bars: dict[str, Path], strips: dict[str, dic
              f"<p>{result.n_images} images; top-quantile threshold q = {_e(cfg.quantile)} "
              f"({_e(cfg.quantile_mode)}); IoU mode <code>{_e(cfg.iou_mode)}</code>; detector: "
              f"IoU &gt; {_e(cfg.iou_threshold)}.</p>"]
-    parts += _layer_sections(result, "positive", base, bars, strips)
+    parts += _layer_sections(result, "positive", base, bars, strips, visuals or {})
     if clusters:
         parts.append("<h2>Concepts of each class's channel cluster</h2><table><tr><th>class</th>"
                      "<th>channels</th><th>detectors</th><th>concepts</th></tr>")
@@ -435,9 +453,11 @@ def _write_figures(result, layout, view: str, load_image, written: list[Path]
 
 
 def write_dissection(result, out: Path, load_image: Callable[[int], torch.Tensor] | None = None,
-                     clusters: list[dict] | None = None, title: str = "Network Dissection"
-                     ) -> list[Path]:
-    """Write every file of the module docstring under ``out/dissect``; the paths written."""
+                     clusters: list[dict] | None = None, title: str = "Network Dissection",
+                     visuals: dict[str, dict[int, Path]] | None = None) -> list[Path]:
+    """Write every file of the module docstring under ``out/dissect``; the paths written.
+    ``visuals``: ``{layer: {unit (0-based): PNG}}``, feature visualizations of the units
+    (Olah et al. 2017) shown beside their labels and top images."""
     from cnnexplain.layout import RunLayout
 
     layout = RunLayout(out)
@@ -456,7 +476,8 @@ def write_dissection(result, out: Path, load_image: Callable[[int], torch.Tensor
     if "rotated" in result.variants:
         write_text(layout.dissect_rotation, _csv_text(ROTATION_COLUMNS, rotation_rows(result)))
         written.append(layout.dissect_rotation)
-    page = render_html(result, layout.dissect, bars, strips, clusters, title, figures)
+    page = render_html(result, layout.dissect, bars, strips, clusters, title, figures,
+                       visuals=visuals)
     write_text(layout.dissect_index, page)
     written.append(layout.dissect_index)
     return written

@@ -36,7 +36,7 @@ thresholded, tallied and labelled exactly as the unrotated layer.
 Memory is bounded whatever the number of images: one batch of maps and masks, the exact mode's
 ``[K, m]`` candidates (``m`` about ``q * N * h * w``; checked against ``max_exact_bytes`` before
 anything runs) or the sketch's ``[K, 4096]`` histogram, the ``[K, NL]`` int64 tallies and the
-``[K, top_images, h, w]`` maps of the top images.
+``[K, top_images, h, w]`` maps of the top images, each once per view.
 
 Distributed (``torchrun``): rank ``r`` of ``W`` takes a contiguous run of whole batches
 (:func:`shard_range`), so every image is computed in the same batch as in a single process;
@@ -675,6 +675,15 @@ def dissect(model: nn.Module, layers: Sequence[str], dataset, *, preprocessing: 
     return DissectionResult(layers=positive, space=space, config=config, n_images=n,
                             image_size=tuple(getattr(dataset, "image_size", (0, 0))),
                             mask_size=(sh, sw), variants=results, rotations=used_rotations)
+
+
+def silent_layers(result: DissectionResult, variant: str = "negative") -> list[str]:
+    """The layers of one view where no unit's mask is ever on (every ``activation`` count 0).
+    For ``negative``: every unit's minimum fills at least its bottom ``quantile`` of positions,
+    so the threshold is that minimum and nothing lies strictly below it (after a ReLU the
+    minimum is 0)."""
+    return [layer for layer, lr in result.variants.get(variant, {}).items()
+            if not lr.tally["activation"].any()]
 
 
 def image_loader(dataset) -> Callable[[int], torch.Tensor]:

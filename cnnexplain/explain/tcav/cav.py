@@ -115,9 +115,9 @@ def stratified_split(m: int, test_fraction: float, seed: int) -> tuple[np.ndarra
     if m < 2:
         raise CnnexplainError(f"a CAV needs at least 2 images per set, got {m}",
                               "add images to the concept and random sets")
-    perm = np.random.default_rng(seed).permutation(m)
-    k = min(m - 1, max(1, int(round(test_fraction * m))))
-    return np.sort(perm[k:]), np.sort(perm[:k])
+    from cnnexplain.data.datasets import holdout
+
+    return holdout(m, test_fraction, seed)
 
 
 def _fit_hinge(x: torch.Tensor, y: torch.Tensor, alpha: float, max_iter: int, tol: float

@@ -21,6 +21,7 @@ depend on the other images optimized in the same batch.
 
 from __future__ import annotations
 
+import abc
 from typing import Callable, Sequence
 
 import numpy as np
@@ -33,7 +34,7 @@ COLOR_CORRELATION_SVD_SQRT = np.asarray([[0.26, 0.09, 0.02],
 lucent): a square root of the colour covariance of ImageNet images, rows R, G, B."""
 
 MAGIC = 4.0
-"""lucid's divisor of the inverse FFT (a TODO there; it lowers the initial saturation)."""
+"""lucid's divisor of the inverse FFT (undocumented there; it lowers the initial saturation)."""
 
 INIT_SD = 0.01
 """Standard deviation of the initial parameters (lucid's and lucent's default)."""
@@ -88,14 +89,15 @@ def _normal(shape: Sequence[int], generators: Sequence[torch.Generator], sd: flo
     return torch.stack([torch.randn(*shape, generator=g) * sd for g in generators])
 
 
-class ImageParam:
+class ImageParam(abc.ABC):
     """A batch of learned images: ``params`` (the tensors the optimizer updates) and
     ``__call__() -> [N, 3, H, W]`` RGB in [0, 1]."""
 
     params: list[torch.Tensor]
 
-    def __call__(self) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self) -> torch.Tensor:
+        """The images ``[N, 3, H, W]`` in [0, 1] from the current parameters."""
 
     @property
     def tensor(self) -> torch.Tensor:
