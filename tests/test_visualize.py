@@ -386,3 +386,35 @@ def test_dissect_page_shows_the_units_visualizations(broden_export, tmp_path):
         assert f"src='../visualize/{row.image}'" in page
         assert (out / "dissect" / ".." / "visualize" / row.image).is_file()
     assert page.count("class='vis'") == 2
+
+
+class _DeadOnGrey(nn.Module):
+    """Channel 0 = ReLU(R - 0.8): zero on a grey image (R = 0.5), so lucid's near-grey start
+    gets no gradient; channel 1 = ReLU(G - 0.3), alive on grey."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        self.relu = nn.ReLU()
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])[:, :, None, None])
+            self.conv.bias.copy_(torch.tensor([-0.8, -0.3]))
+
+    def forward(self, x):
+        return self.relu(self.conv(x)).mean((2, 3))
+
+
+def test_a_unit_dead_on_grey_restarts_from_louder_noise_and_is_not_stalled():
+    """A unit that is zero around the near-grey initial image gets no gradient at the first
+    step; the optimizer restarts that image from louder noise (its own generator), so it is
+    optimized instead of returned grey, and a live unit optimized in the same batch gets the
+    image it gets alone."""
+    model = _DeadOnGrey()
+    dead = Goal("channel", one_hot(0, 2), key="dead", unit="0")
+    live = Goal("channel", one_hot(1, 2), key="live", unit="1", group=1)
+    s = Settings(steps=64, side=16, seed=0, batch_size=4)
+    both = optimize(model, "relu", [dead, live], s, normalize=PLAIN.normalize)
+    assert not bool(both.stalled.any())
+    assert float(both.values[0]) > 0  # some pixels were pushed past R = 0.8
+    alone = optimize(model, "relu", [live], s, normalize=PLAIN.normalize)
+    assert torch.equal(both.images[1], alone.images[0])

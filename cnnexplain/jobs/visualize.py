@@ -344,9 +344,11 @@ def write(plan: Plan, result: Result, session: Session) -> Output:
         title = (f"class {unit.label}" if p.objective.units == "class" else
                  f"{where} · {p.objective.name} {unit.label}")
         label = labels.get(unit.index) if unit.index is not None else None
+        short = unit.label if p.objective.units == "class" else f"{p.objective.name} {unit.label}"
         if label is not None:
             title += f" · dissection: {label[0]} ({label[1]}, IoU {label[2]:.3f})"
-        view = out.UnitView(title=title, top_best=ex.best(u_i, 1.0),
+            short += f"\n{label[0]} {label[2]:.2f}"
+        view = out.UnitView(title=title, short=short, top_best=ex.best(u_i, 1.0),
                             bottom_best=ex.best(u_i, -1.0))
         strips = {}
         if k_show > 0:

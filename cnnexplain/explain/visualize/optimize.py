@@ -221,6 +221,20 @@ def optimize(model: nn.Module, layer: str | None, goals: Sequence[Goal], setting
                     seconds=time.perf_counter() - start, batches=len(plan))
 
 
+RESTART_SD = (0.1, 0.5, 1.0)
+"""Initial standard deviations of the restarts of an image whose objective has no gradient at
+the first step (lucid's sd 0.01 gives a near-grey image, on which a unit after a ReLU can be
+zero everywhere): each restart draws from the image's own generator, so batching stays
+invisible; an image still without gradient after the last is reported ``stalled``."""
+
+
+def _no_gradient(grad: torch.Tensor | None, n: int) -> torch.Tensor:
+    """``[n]`` bool: images whose parameters got an all-zero (or no) gradient."""
+    if grad is None:
+        return torch.ones(n, dtype=torch.bool)
+    return (grad.flatten(1).abs().sum(1) == 0).cpu()
+
+
 def _optimize_batch(model, layer, goals, objective, position, s: Settings, normalize, device,
                     uses_div, needs_logits, bar):
     keys = [g.key for g in goals]
@@ -235,9 +249,9 @@ def _optimize_batch(model, layer, goals, objective, position, s: Settings, norma
         groups.setdefault(g.group, []).append(j)
     div_groups = [idx for idx in groups.values() if len(idx) > 1] if uses_div else []
     opt = torch.optim.Adam(param.params, lr=s.lr)
-    stuck = torch.zeros(len(goals), dtype=torch.bool)
     with capture(model, layer, stop=not needs_logits) as store:
-        for step in range(s.steps):
+
+        def backward() -> None:
             opt.zero_grad(set_to_none=True)
             img = param()
             acts, logits = run_model(model, normalize(transform(img, draws[:, step])), store)
@@ -249,10 +263,19 @@ def _optimize_batch(model, layer, goals, objective, position, s: Settings, norma
             if s.l2:
                 loss = loss + s.l2 * l2_penalty(img).sum()
             loss.backward()
-            if step == 0:
-                g = param.tensor.grad
-                stuck = (g.flatten(1).abs().sum(1) == 0).cpu() if g is not None else \
-                    torch.ones(len(goals), dtype=torch.bool)
+
+        for step in range(s.steps):
+            backward()
+            if step == 0:  # a unit that is zero around grey images (after a ReLU) gets no
+                for attempt, sd in enumerate(RESTART_SD):  # gradient: start it from louder noise
+                    stuck = _no_gradient(param.tensor.grad, len(goals))
+                    if not stuck.any():
+                        break
+                    rows = stuck.nonzero().flatten().tolist()
+                    param.redraw(rows, generators(s.seed, [keys[r] for r in rows],
+                                                  f"restart{attempt}"), sd)
+                    backward()
+                stuck = _no_gradient(param.tensor.grad, len(goals))
             opt.step()
             bar.advance(1)
         with torch.no_grad():

@@ -86,10 +86,12 @@ def enlarge(array: np.ndarray, tile: int = TILE) -> np.ndarray:
 class UnitView:
     """What the page and the grid show of one unit: its name, the rows of its images (each a
     dict with ``direction``, ``objective_value``, ``png`` bytes), its strips (PNG bytes or
-    None) and the objective on its best examples."""
+    None), the objective on its best examples and ``short``, the grid's row label (default: the
+    title)."""
 
     title: str
     images: list = field(default_factory=list)
+    short: str = ""
     top_strip: bytes | None = None
     bottom_strip: bytes | None = None
     top_best: float = float("nan")
@@ -164,7 +166,7 @@ def grid_png(units: list[UnitView], examples: int = 4) -> bytes:
             ax.set_yticks([])
             ax.set_title(f"{im['direction']} {_num(im['objective_value'])}", fontsize=6)
             if c == 0:
-                ax.set_ylabel(u.title, fontsize=6)
+                ax.set_ylabel(u.short or u.title, fontsize=6)
         if u.top_array is not None:
             ax = fig.add_subplot(len(units), cols, r * cols + cols)
             arr = u.top_array

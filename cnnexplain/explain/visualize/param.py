@@ -104,6 +104,13 @@ class ImageParam(abc.ABC):
         """The one learned tensor, ``[N, ...]`` (row i belongs to image i)."""
         return self.params[0]
 
+    def redraw(self, rows: Sequence[int], generators: Sequence[torch.Generator], sd: float) -> None:
+        """Replace the parameters of images ``rows`` by N(0, sd^2) values, row k from
+        ``generators[k]`` (the other images are untouched)."""
+        t = self.params[0]
+        with torch.no_grad():
+            t[list(rows)] = _normal(t.shape[1:], generators, sd).to(t)
+
 
 class FourierImage(ImageParam):
     """``N`` images of ``h x w`` in the decorrelated Fourier basis (module docstring): the
