@@ -41,12 +41,12 @@ measures the shortcut: gated_follows_mask is the share of samples whose gated pr
 class of their mask row; near 1.0 (above pseudo_match) the gated answer is set by which channels
 the mask keeps, not by the image.
 
-[bold]Presets[/] (--preset): paper is the seeds' exact losses (Liang's CDCNN with true-label
+[bold]Presets[/] (--preset): paper is the papers' exact losses (Liang's CDCNN with true-label
 gates, Guo et al. 2024's L_dis + λ·L_int), gates trained from the first epoch. default (the
 default) adds four remedies, each one flag away: --lambda-neg 1, a wrong-mask term (not in the
-seeds): the tail also runs on the maps masked by another class c's row and must then give no
+papers): the tail also runs on the maps masked by another class c's row and must then give no
 answer (KL from uniform), so the mask pattern alone cannot decide; --lambda-comp 1, a
-complement term (not in the seeds): the tail runs on every channel but the true class's cluster
+complement term (not in the papers): the tail runs on every channel but the true class's cluster
 and must give no answer either, so removing a class's cluster removes the class (what ACC3
 measures); --gate-label pseudo for cdcnn-* (PICNN's remedy against leakage); --gate-warmup
 epochs//2, plain training for the first half so that the gate starts on learned features. On

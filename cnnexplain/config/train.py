@@ -76,7 +76,7 @@ class TrainConfig:
     preset: str = option("default", choices=tuple(PRESETS), help="default: the remedies "
                          "for class-specific clusters (`lambda_neg` 1, `lambda_comp` 1, cdcnn-* "
                          "gated by pseudo-labels, `gate_warmup` half the epochs); paper: the "
-                         "seeds' exact losses (both terms 0, true-label gates, no warm-up). "
+                         "papers' exact losses (both terms 0, true-label gates, no warm-up). "
                          "Explicit values win.", panel=METHOD)
     lambda1: float = option(1.0, low=0, help="cdcnn-*: weight λ1 of the gated cross-entropy "
                             "CE(y, ŷ_W).", panel=METHOD)
@@ -85,12 +85,12 @@ class TrainConfig:
     lam: float = option(2.0, low=0, name="lambda", help="picnn: weight λ of L_int (Guo et al. 2024: "
                         "2).", panel=METHOD)
     lambda_neg: float | None = option(None, low=0, help="Weight of the wrong-mask term (not in "
-                                      "the seeds): the tail also runs on the maps masked by "
+                                      "the papers): the tail also runs on the maps masked by "
                                       "another class's row and is pulled towards no answer "
                                       "(see `help_methods`). Default: the preset's (1; paper: "
                                       "0).", panel=METHOD, example=1, show_default=False)
     lambda_comp: float | None = option(None, low=0, help="Weight of the complement term (not "
-                                       "in the seeds): the tail also runs on every channel but "
+                                       "in the papers): the tail also runs on every channel but "
                                        "the true class's cluster and is pulled towards no "
                                        "answer, so that removing a class's cluster removes the "
                                        "class (ACC3). Default: the preset's (1; paper: 0).",
@@ -123,7 +123,7 @@ class TrainConfig:
                                "samples count in the gated loss: matched (pseudo-label == label, "
                                "the reference code) or all (Guo et al. 2024's L_int).", panel=METHOD)
     gated_tail: str = option("shared", choices=GATED_TAILS, help="shared: the gated loss also "
-                             "trains the layers after the gate (the seeds); frozen: only the "
+                             "trains the layers after the gate (the papers); frozen: only the "
                              "layers up to the gate and the gate.", panel=METHOD)
     gate_warmup: int | None = option(None, low=0, help="Epochs of plain training before the "
                                      "gated pathway starts. Default: the preset's (half the "

@@ -456,10 +456,10 @@ def gate_statistics(matrix: torch.Tensor, threshold: float = 0.5) -> dict:
 
 METRIC_NOTES = {
     "ACC1": "accuracy of the full pathway",
-    "ACC2": "seed 004's ACC2: only the predicted class's cluster, pseudo-label and Bernoulli mask "
+    "ACC2": "Guo et al. 2024's ACC2: only the predicted class's cluster, pseudo-label and Bernoulli mask "
             "drawn once per image, mean (std) over `draws` draws; a model without a learned gate "
-            "is measured with random P as seed 004's STD baseline (mean (std) over the P draws)",
-    "ACC3": "seed 004's ACC3: all channels but a Bernoulli draw of the true class's cluster, as "
+            "is measured with random P as Guo et al. 2024's STD baseline (mean (std) over the P draws)",
+    "ACC3": "Guo et al. 2024's ACC3: all channels but a Bernoulli draw of the true class's cluster, as "
             "ACC2 (lower = more class-specific); random P for a model without a learned gate",
     "ACC2_det": "ACC2 with argmax prediction and the whole thresholded learned cluster",
     "ACC3_det": "ACC3 with the whole thresholded learned cluster removed: the accuracy that "
@@ -480,12 +480,12 @@ METRIC_NOTES = {
                   "shared by two (a diagnostic beside MIS, not in the seeds)",
     "MIS_ceiling": "largest possible MIS: max over classes of the entropy of the one-vs-rest "
                    "indicator (H(Bernoulli(1/C)) for balanced classes)",
-    "R0": "seed 000's R0, an upper bound of its minimum: CE of the gated pathway with the one-hot "
+    "R0": "Liang's (CDCNN) R0, an upper bound of its minimum: CE of the gated pathway with the one-hot "
           "W that `score_steps` Adam steps of a relaxation found (network frozen; lower = more "
           "disentangled)",
     "R0_acc": "gated accuracy with R0's one-hot W",
     "R0_convergence": "relative change of R0's fit objective over its last tenth of steps",
-    "R1": "seed 000's R1, an upper bound of its minimum: CE + mu * ||W||_0 / (K C) with the "
+    "R1": "Liang's (CDCNN) R1, an upper bound of its minimum: CE + mu * ||W||_0 / (K C) with the "
           "binary W (row max 1) the relaxation found",
     "R1_ce": "CE part of R1",
     "R1_acc": "gated accuracy with R1's W",
@@ -557,7 +557,7 @@ def entanglement_rows(acc: PathwayAccuracies, mi: torch.Tensor, stats: dict, sco
         rows += [_row("ACC2", acc.acc2, acc.acc2_std, n, f"{source}, {acc.draws} draws"),
                  _row("ACC3", acc.acc3, acc.acc3_std, n, f"{source}, {acc.draws} draws")]
     else:
-        what = f"random P (seed 004's STD baseline), {baseline.n_p} P x {baseline.draws} draws"
+        what = f"random P (Guo et al. 2024's STD baseline), {baseline.n_p} P x {baseline.draws} draws"
         rows += [_row("ACC2", baseline.acc2, baseline.acc2_std, n, what),
                  _row("ACC3", baseline.acc3, baseline.acc3_std, n, what)]
     if learned:
