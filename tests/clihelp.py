@@ -85,3 +85,17 @@ def run_torchrun(*args, env=None, nproc: int = 2, timeout: int = 900) -> Result:
                         *[str(a) for a in args]], env=full, capture_output=True, text=True,
                        timeout=timeout)
     return Result(p.returncode, p.stdout, p.stderr)
+
+
+def assert_torchrun_matches_one_process(args, out: Path, files, env=None) -> tuple[Path, Path]:
+    """``cnnexplain *args`` once in one process (``out/one``) and once under torchrun with two
+    (``out/two``): both succeed and every file of ``files`` (relative to each run directory) is
+    byte-identical. Returns the two run directories."""
+    one, two = out / "one", out / "two"
+    r = run_cli(*args, "--out", one, env=env)
+    assert r.code == 0, r.err
+    p = run_torchrun(*args, "--out", two, env=env)
+    assert p.code == 0, p.err[-3000:]
+    for rel in files:
+        assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
+    return one, two

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from clihelp import assert_one_line_error, run_cli, run_inproc, run_torchrun, snapshot
+from clihelp import (assert_one_line_error, assert_torchrun_matches_one_process,
+                     run_inproc, snapshot)
 from data_fixtures import _one_thread, broden_export, copy_tree  # noqa: F401  (fixtures)
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -191,15 +192,9 @@ def test_torchrun_two_processes_give_the_single_process_result(broden_export, tm
     args = ["dissect", "--backbone", "smallcnn", "--broden", str(root), "--layer",
             "features.3,features", "--quantile", "0.02", "--top-images", "2", "--batch-size", "5",
             "--no-cache", "-q"]
-    one = tmp_path / "one"
-    r = run_cli(*args, "--out", one, env=ONE_THREAD)
-    assert r.code == 0, r.err
-    two = tmp_path / "two"
-    p = run_torchrun(*args, "--out", two, env=ONE_THREAD)
-    assert p.code == 0, p.err[-3000:]
-    for rel in ("dissect/tally.csv", "dissect/features/tally.csv", "dissect/features.3/tally.csv",
-                "dissect/summary.csv"):
-        assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel
+    one, two = assert_torchrun_matches_one_process(
+        args, tmp_path, ("dissect/tally.csv", "dissect/features/tally.csv",
+                         "dissect/features.3/tally.csv", "dissect/summary.csv"), env=ONE_THREAD)
     with h5py.File(one / "dissect/iou.h5") as a, h5py.File(two / "dissect/iou.h5") as b:
         for layer in ("features.3", "features"):
             for name in a[layer]:

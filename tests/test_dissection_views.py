@@ -328,21 +328,16 @@ def test_cli_bad_view_values_fail_in_one_line(broden_export, tmp_path, args, wor
 def test_torchrun_views_give_the_single_process_result(broden_export, tmp_path):
     """Every view's thresholds, tallies and top images merge across ranks like the positive
     view's (two CPU processes against one)."""
-    from clihelp import run_cli, run_torchrun
+    from clihelp import assert_torchrun_matches_one_process
 
     _, root = broden_export
     args = ["dissect", "--backbone", "smallcnn", "--broden", str(root), "--layer", "features.12",
             "--quantile", "0.02", "--top-images", "2", "--batch-size", "5", "--negative",
             "--rotate", "1", "--no-cache", "-q"]
-    one = tmp_path / "one"
-    r = run_cli(*args, "--out", one, env=ONE_THREAD)
-    assert r.code == 0, r.err
-    two = tmp_path / "two"
-    p = run_torchrun(*args, "--out", two, env=ONE_THREAD)
-    assert p.code == 0, p.err[-3000:]
-    for rel in ("tally.csv", "tally_negative.csv", "tally_rotated.csv", "summary_negative.csv",
-                "rotation.csv"):
-        assert (one / "dissect" / rel).read_bytes() == (two / "dissect" / rel).read_bytes(), rel
+    one, two = assert_torchrun_matches_one_process(
+        args, tmp_path, [f"dissect/{f}" for f in ("tally.csv", "tally_negative.csv",
+                                                  "tally_rotated.csv", "summary_negative.csv",
+                                                  "rotation.csv")], env=ONE_THREAD)
     for name in ("iou_negative.h5", "iou_rotated.h5"):
         with h5py.File(one / "dissect" / name) as a, h5py.File(two / "dissect" / name) as b:
             for key in a["features.12"]:

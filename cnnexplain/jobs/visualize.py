@@ -300,9 +300,10 @@ def run(plan: Plan, session: Session) -> Result:
                        batch_size=o.data.batch_size)
     stalled = int(rendered.stalled.sum())
     if stalled:
-        session.notice(f"{stalled} of {len(goals)} images got no gradient at the first step "
-                       "(their unit is zero around a grey image, as after a ReLU), so they stay "
-                       "grey; a pre-ReLU `layer` (e.g. the BatchNorm before it) avoids this")
+        session.notice(f"{stalled} of {len(goals)} images got no gradient at the first step, "
+                       "even restarted from louder noise (their unit is zero around such "
+                       "images, as after a ReLU), so they stay grey; a pre-ReLU `layer` (e.g. "
+                       "the BatchNorm before it) avoids this")
     if -1.0 in p.signs and p.objective.source == "layer" and (values >= 0).all():
         session.notice("the units are never negative on the dataset (an output after a ReLU?), "
                        "so a min visualization only shows what turns them off; a pre-ReLU "
