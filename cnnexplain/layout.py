@@ -8,7 +8,9 @@ and :mod:`cnnexplain.report.collect` both ask :class:`RunLayout` where a file go
     train_log.csv, gate.png       train-gated: one row per epoch; the gate's heatmap
     entanglement.csv              evaluate-entanglement: one row per metric
     entanglement_per_class.csv    ... one row per class; features.h5 with `save_features`
-    saliency/                     maps.h5, evaluation.csv, sanity.csv, overlays/, grid.png
+    saliency/                     maps.h5, evaluation.csv, evaluation_curves.h5,
+                                  metric_ranks.csv, metric_agreement.csv, sanity.csv,
+                                  overlays/, grid.png
     dissect/                      tally.csv, summary.csv, iou.h5, clusters.csv, index.html;
                                   with `negative` / `rotate` also tally_<view>.csv,
                                   summary_<view>.csv, iou_<view>.h5 and rotation.csv
@@ -99,6 +101,18 @@ class RunLayout:
     @property
     def saliency_evaluation(self) -> Path:
         return self.saliency / "evaluation.csv"
+
+    @property
+    def saliency_curves(self) -> Path:
+        return self.saliency / "evaluation_curves.h5"
+
+    @property
+    def saliency_ranks(self) -> Path:
+        return self.saliency / "metric_ranks.csv"
+
+    @property
+    def saliency_agreement(self) -> Path:
+        return self.saliency / "metric_agreement.csv"
 
     @property
     def saliency_sanity(self) -> Path:

@@ -1,5 +1,5 @@
-"""Known-answer experiment for class-specific gating: train std, picnn and cdcnn-r1p2 with
-train-gated's defaults (and, for comparison, the seeds' exact losses: ``--preset paper``) on
+"""Known-answer experiment for class-specific gating: train std, picnn and the three cdcnn
+methods with train-gated's defaults (and, for comparison, the seeds' exact losses: ``--preset paper``) on
 the default synthetic world or on scikit-learn's digits, over several seeds; evaluate each with
 ``cnnexplain evaluate-entanglement``; print mean (sd) per row and a paired t-test of gated minus
 std per seed for MIS and ACC3; check, on the means, for the default rows:
@@ -35,10 +35,12 @@ for ``finetune`` epochs from std's trained network of the same seed (``--weights
 RUNS = {"std": ["--method", "std"],
         "picnn": ["--method", "picnn"],
         "cdcnn-r1p2": ["--method", "cdcnn-r1p2"],
+        "cdcnn-r1p1": ["--method", "cdcnn-r1p1"],
+        "cdcnn-r0p1": ["--method", "cdcnn-r0p1"],
         "picnn-paper": ["--method", "picnn", "--preset", "paper"],
         "cdcnn-r1p2-paper": ["--method", "cdcnn-r1p2", "--preset", "paper"]}
 """Row name -> train-gated options."""
-DEFAULT_ROWS = ("picnn", "cdcnn-r1p2")
+DEFAULT_ROWS = ("picnn", "cdcnn-r1p2", "cdcnn-r1p1", "cdcnn-r0p1")
 """The rows whose checks decide the exit code (train-gated's defaults)."""
 COLUMNS = ["ACC1", "ACC2", "ACC3", "ACC3_det", "ACC3_R0", "specificity", "MIS", "R0",
            "gate_peakedness"]

@@ -69,3 +69,21 @@ def test_dissection_finds_a_shape_detector(learned):
     shapes = best[best.index.isin(["circle", "square", "cross", "ring"])]
     assert (shapes >= 0.2).any(), shapes.to_dict()
     assert lr.units == 64
+
+
+def test_both_removal_orders_agree_for_gradcam_on_the_learned_model(learned):
+    """Removing Grad-CAM's most relevant blocks first hurts the class more than removing its
+    least relevant first (region perturbation, Samek et al. 2017; pixel flipping's symmetric
+    relevance gain, Blücher et al. 2024), and its relevance mass on the object mask beats the
+    object box's share of the image (more than the mask's share)."""
+    tmp, out, compute, _ = learned
+    output = execute(saliency, SaliencyOptions(
+        model=ModelOptions(checkpoint=out / "best.pt"),
+        data=SaliencyData(split="test", limit=40), methods="gradcam", target="label",
+        evaluate=True, overlays=0,
+        metrics="region-perturbation,symmetric-relevance-gain,relevance-mass,pointing",
+        run=RunOptions(out=out), compute=compute))
+    ev = output.result.evaluation.set_index("method").loc["gradcam"]
+    assert ev["region_perturbation"] > ev["region_perturbation_lerf"] + 0.05, ev.to_dict()
+    assert ev["region_perturbation_srg"] > 0.05 and ev["symmetric_relevance_gain"] > 0.05
+    assert ev["relevance_mass"] > ev["pointing_game_random"], ev.to_dict()

@@ -26,7 +26,8 @@ def _base(tmp_path, *extra):
 def test_end_to_end_with_evaluation_then_cached(tmp_path):
     methods = "gradient,guided-backprop,gradcam,lrp-zplus,clrp1"
     args = _base(tmp_path, "--methods", methods, "--target", "label", "--evaluate",
-                 "--sanity-steps", "2", "--sanity-limit", "2", "--overlays", "2", "--json")
+                 "--metrics", "all", "--sanity-steps", "2", "--sanity-limit", "2",
+                 "--overlays", "2", "--json")
     r = run_inproc(*args)
     assert r.code == 0, r.err
     summary = json.loads(r.out)
@@ -52,12 +53,37 @@ def test_end_to_end_with_evaluation_then_cached(tmp_path):
                 "class_map_correlation"):
         assert col in ev.columns, col
     assert (ev["pairs_with_truth"] == 4).all()
+    from cnnexplain.explain.saliency.evaluation import METRICS
+
+    for name in METRICS:  # one column per metric, named after it
+        assert name.replace("-", "_") in ev.columns, name
+    ranks = pd.read_csv(out / "metric_ranks.csv").set_index("method")
+    ranked = [m.column for m in METRICS.values() if m.higher_is_better is not None]
+    assert list(ranks.columns) == ranked and list(ranks.index) == methods.split(",")
+    assert ((ranks >= 1) & (ranks <= 5)).all().all()
+    agreement = pd.read_csv(out / "metric_agreement.csv").set_index("metric")
+    assert list(agreement.columns) == ranked
+    tau = agreement.to_numpy()
+    finite = np.isfinite(tau)
+    assert finite.any() and (np.abs(tau[finite]) <= 1 + 1e-12).all()
+    np.testing.assert_allclose(tau[finite], tau.T[finite])
+    with h5py.File(out / "evaluation_curves.h5") as f:
+        for m in methods.split(","):
+            y = f[f"{m}/deletion/y"][()]
+            assert y.shape == (4, 21) and f[f"{m}/deletion/x"][()][-1] == 1.0
+            assert f[f"{m}/insertion/y"].attrs["axis"] == "probability"
     sanity = pd.read_csv(out / "sanity.csv")
     assert set(sanity["method"]) == set(methods.split(",")) and set(sanity["step"]) == {1, 2}
     assert len(list((out / "overlays").glob("*.png"))) == 2 * 5
     assert (out / "grid.png").stat().st_size > 1000
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert "saliency" in run["commands"]
+
+    rep = run_inproc("report", tmp_path / "out", "--out", tmp_path / "rep", "--quiet")
+    assert rep.code == 0, rep.err
+    html = (tmp_path / "rep" / "report" / "index.html").read_text()
+    assert "How the metrics rank the methods" in html and "evaluation curves" in html
+    assert (tmp_path / "rep" / "report" / "saliency-agreement-out.png").stat().st_size > 1000
 
     again = run_inproc(*args)
     assert again.code == 0, again.err

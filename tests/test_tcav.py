@@ -6,6 +6,8 @@ and the calibration on a trained model are in test_tcav_known_answer.py.)"""
 
 from __future__ import annotations
 
+import hashlib
+
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from clihelp import assert_one_line_error, run_inproc, snapshot
 from data_fixtures import _one_thread, broden_export  # noqa: F401
 
 from cnnexplain.cache.store import Cache
+from cnnexplain.data.base import ImageDataset
 from cnnexplain.data.preprocessing import Preprocessing
 from cnnexplain.data.synthetic import SyntheticDataset, WorldConfig
 from cnnexplain.errors import CnnexplainError, UsageError
@@ -440,13 +443,13 @@ def _run_row(concept, role, run, layer, n_positive, cav_counts, n_train=20, pool
                 sensitivity_mean=1.0, cav_accuracy=(tp / (tp + fn) + tn / (tn + fp)) / 2,
                 cav_n_train=n_train, cav_pool=pool, cav_test_tp=tp, cav_test_fn=fn,
                 cav_test_tn=tn, cav_test_fp=fp, cav_key="x", n_class_inputs=10,
-                n_nonzero_gradients=10)
+                n_nonzero_gradients=10, n_intervention_inputs=30)
 
 
 def test_summary_statistics_and_correction():
     """Per row: the score test on the probit sign counts with the concept's train share, the
-    CAV test on twice the median of the runs' Fisher p-values, both Bonferroni-corrected,
-    significant only when both are."""
+    CAV test on twice the median of the runs' Fisher p-values, both Bonferroni-corrected;
+    with ``significance="calibrated"`` significant only when both are."""
     counts = {"strong": [10, 10, 10, 9], "weak": [10, 10, 10, 9], "absent": [6, 2, 5, 9]}
     tables = {"strong": [(30, 10, 35, 5), (5, 35, 6, 34), (31, 9, 36, 4), (28, 12, 33, 7)],
               "weak": [(21, 19, 22, 18), (36, 4, 37, 3), (19, 21, 20, 20), (22, 18, 19, 21)],
@@ -460,7 +463,7 @@ def test_summary_statistics_and_correction():
             rows.append(_run_row(f"random_{run - 1}", "baseline", run, layer,
                                  [2, 6, 4, 8][run - 1], (20, 20, 20, 20)))
     runs = pd.DataFrame(rows)
-    config = T.TCAVConfig(random_runs=4)
+    config = T.TCAVConfig(random_runs=4, significance="calibrated")
     table = T.summarize(runs, list(counts), [(0, "k")], ["l1", "l2"], config)
     assert list(table.columns) == T.TABLE_COLUMNS
     assert len(table) == 6 and (table["n_tests"] == 6).all()
@@ -490,11 +493,12 @@ def test_summary_statistics_and_correction():
     assert by["significant"].to_dict() == {"strong": True, "weak": False, "absent": False}
     # the Bonferroni factor matters: at alpha 0.01 only the uncorrected p passes
     assert raw < 0.01 < 6 * raw
-    strict = T.TCAVConfig(random_runs=4, alpha=0.01)
+    strict = T.TCAVConfig(random_runs=4, alpha=0.01, significance="calibrated")
     assert not T.summarize(runs, list(counts), [(0, "k")], ["l1", "l2"],
                            strict)["significant"].any()
     off = T.summarize(runs, list(counts), [(0, "k")], ["l1", "l2"],
-                      T.TCAVConfig(random_runs=4, bonferroni=False, alpha=0.01))
+                      T.TCAVConfig(random_runs=4, bonferroni=False, alpha=0.01,
+                                   significance="calibrated"))
     off = off[off["concept"] == "strong"]
     assert off["p_value"].to_numpy() == pytest.approx([raw, raw], rel=1e-9)
     assert off["significant"].all()
@@ -502,6 +506,184 @@ def test_summary_statistics_and_correction():
         T.TCAVConfig(random_runs=1).validate()
     with pytest.raises(UsageError, match="`concept_subsample` must be in"):
         T.TCAVConfig(concept_subsample=1.5).validate()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kim_ttest_is_scipys_two_sample_ttest(seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.uniform(0.3, 1, 10), rng.uniform(0, 0.8, 10)
+    got = T.kim_ttest(a, b)
+    want = scipy_stats.ttest_ind(a, b)  # equal variances, two-sided: tcav's get_p_val
+    assert got.statistic == pytest.approx(float(want.statistic), rel=1e-12)
+    assert got.pvalue == pytest.approx(float(want.pvalue), rel=1e-12)
+    assert got.df == 18
+
+
+def test_kim_ttest_edge_cases():
+    same = T.kim_ttest([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # undefined: no evidence
+    assert np.isnan(same.statistic) and same.pvalue == 1.0
+    apart = T.kim_ttest([1.0, 1.0, 1.0], [0.5, 0.5, 0.5])  # constant and different
+    assert apart.statistic == np.inf and apart.pvalue == 0.0
+    assert T.kim_ttest([0.7], [0.2]).pvalue == 1.0  # df 0
+    assert T.kim_ttest([], [0.2, 0.3]).pvalue == 1.0
+
+
+def _significance_runs() -> pd.DataFrame:
+    """Two layers x three concepts x 5 runs, with a baseline whose sign counts vary."""
+    counts = {"high": [10, 9, 10, 9, 10], "mid": [7, 5, 8, 4, 6], "low": [3, 6, 2, 7, 5]}
+    rows = []
+    for layer in ("l1", "l2"):
+        for run in range(1, 6):
+            for concept, k in counts.items():
+                rows.append(_run_row(concept, "concept", run, layer, k[run - 1],
+                                     (30, 10, 35, 5)))
+            rows.append(_run_row(f"random_{run - 1}", "baseline", run, layer,
+                                 [4, 6, 5, 3, 7][run - 1], (20, 20, 20, 20)))
+    return pd.DataFrame(rows)
+
+
+def test_paper_ttest_decides_by_default_with_an_exact_bonferroni_factor():
+    runs = _significance_runs()
+    concepts, targets, layers = ["high", "mid", "low"], [(0, "k")], ["l1", "l2"]
+    table = T.summarize(runs, concepts, targets, layers, T.TCAVConfig(random_runs=5))
+    assert list(table.columns) == T.TABLE_COLUMNS
+    assert (table["significance"] == "ttest").all() and (table["n_tests"] == 6).all()
+    base = np.array([4, 6, 5, 3, 7]) / 10
+    by = table[table["layer"] == "l1"].set_index("concept")
+    for concept, k in {"high": [10, 9, 10, 9, 10], "mid": [7, 5, 8, 4, 6]}.items():
+        want = scipy_stats.ttest_ind(np.array(k) / 10, base)
+        assert by.loc[concept, "p_ttest"] == pytest.approx(float(want.pvalue), rel=1e-12)
+        assert by.loc[concept, "ttest_statistic"] == pytest.approx(float(want.statistic),
+                                                                   rel=1e-12)
+    # Bonferroni over the m = 6 (concept, class, layer) tests, exactly min(1, m p)
+    for p, q in zip(table["p_ttest"], table["p_ttest_bonferroni"]):
+        assert q == min(1.0, p * 6)
+    # the corrected p decides: "high" passes, "mid" (0.6 against 0.5) does not
+    assert by.loc["high", "p_ttest_bonferroni"] < 0.05 and by.loc["high", "significant"]
+    assert not by.loc["mid", "significant"] and not by.loc["low", "significant"]
+    # without the correction the uncorrected p decides; the calibrated columns are unchanged
+    alpha = 3 * float(by.loc["high", "p_ttest"])  # between p and 6 p
+    plain = T.summarize(runs, concepts, targets, layers,
+                        T.TCAVConfig(random_runs=5, bonferroni=False, alpha=alpha))
+    strict = T.summarize(runs, concepts, targets, layers,
+                         T.TCAVConfig(random_runs=5, alpha=alpha))
+    high = (plain["concept"] == "high").to_numpy()
+    assert plain.loc[high, "significant"].all() and not strict.loc[high, "significant"].any()
+    np.testing.assert_array_equal(plain["p_ttest_bonferroni"], table["p_ttest_bonferroni"])
+    calibrated = T.summarize(runs, concepts, targets, layers,
+                             T.TCAVConfig(random_runs=5, significance="calibrated"))
+    np.testing.assert_array_equal(calibrated["p_ttest"], table["p_ttest"])
+    np.testing.assert_array_equal(calibrated["significant"],
+                                  (calibrated["p_value"] < 0.05)
+                                  & (calibrated["cav_p_value"] < 0.05))
+    assert (calibrated["significance"] == "calibrated").all()
+
+
+def test_significance_and_intervention_options_are_checked():
+    with pytest.raises(UsageError, match="`significance`"):
+        T.TCAVConfig(significance="ttest-bonferroni").validate()
+    with pytest.raises(UsageError, match="`intervention_inputs`"):
+        T.TCAVConfig(intervention_inputs="every").validate()
+    assert T.TCAVConfig().significance == "ttest"
+    assert T.TCAVConfig().intervention_inputs == "all"
+
+
+# Planted activations: a layer (an identity 1x1 convolution, so activations are the normalized
+# pixels) whose class-0 logit rises with the mean of the red channel, plus a quadratic term whose
+# gradient changes sign from input to input (so random directions score about 0.5).
+
+
+class _Images(ImageDataset):
+    """Images [n, 3, H, W] in [0, 1] with labels (-1: none), kept in memory."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        self.images = images.float()
+        self.labels = torch.full((len(images),), -1) if labels is None else labels.long()
+        self.preprocessing, self.class_names = PREP, ["a", "b"]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": self.labels[i], "index": torch.tensor(i)}
+
+    def fingerprint(self):
+        return hashlib.sha256(self.images.numpy().tobytes()
+                              + self.labels.numpy().tobytes()).hexdigest()
+
+
+class _Planted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            self.features.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.features.bias.zero_()
+        self.register_buffer("proj", torch.randn(192, 8) / 192 ** 0.5)
+
+    def forward(self, x):
+        h = self.features(x)
+        logit = 4.0 * h[:, 0].mean(dim=(1, 2)) + 0.2 * ((h.flatten(1) @ self.proj) ** 2).sum(1)
+        return torch.stack([logit, torch.zeros_like(logit)], 1)
+
+
+def _noise(g: torch.Generator, n: int, red: float = 0.0) -> torch.Tensor:
+    x = torch.rand(n, 3, 8, 8, generator=g)
+    x[:, 0] = (x[:, 0] + red).clamp(0, 1)
+    return x
+
+
+def _planted_run(seed: int, runs: int = 10, inputs=None, **config) -> T.TCAVResult:
+    g = torch.Generator().manual_seed(seed)
+    model = _Planted().eval()
+    concepts = {"red": _Images(_noise(g, 10, 0.3)), "noise": _Images(_noise(g, 10))}
+    randoms = [(f"random_{i}", _Images(_noise(g, 10))) for i in range(runs + 1)]
+    default_inputs = _Images(_noise(g, 20), torch.arange(20) % 2)
+    res = T.run_tcav(model, ["features"], concepts, randoms, inputs or default_inputs,
+                     [(0, "a")], model_fingerprint=module_digest(model), preprocessing=PREP,
+                     config=T.TCAVConfig(random_runs=runs, seed=seed, **config))
+    return res
+
+
+def test_paper_ttest_finds_a_planted_concept_and_rarely_a_random_one():
+    """The red CAV is aligned with the class gradient: significant (Bonferroni over the 2
+    tests) in every repeat; a "concept" of random images: not significant at 0.05 in most
+    (measured: 1 of 8)."""
+    red, noise = [], []
+    for seed in range(8):
+        table = _planted_run(seed).table.set_index("concept")
+        assert table.loc["red", "score_mean"] > 0.95
+        red.append(table.loc["red", "p_ttest_bonferroni"])
+        noise.append(table.loc["noise", "p_ttest_bonferroni"])
+        assert table.loc["red", "significant"] == (red[-1] < 0.05)
+        assert table.loc["noise", "significant"] == (noise[-1] < 0.05)
+    assert max(red) < 0.05
+    assert sum(p < 0.05 for p in noise) <= 2, noise
+
+
+def test_intervention_inputs_all_is_the_whole_input_set_and_class_its_class_part():
+    """I+ / I- over every input (default) = the two classes' parts weighted by their sizes;
+    ``class`` averages over the target class's inputs only, and the table says which."""
+    g = torch.Generator().manual_seed(7)
+    images, labels = _noise(g, 20), torch.arange(20) % 2
+    full = _Images(images, labels)
+    part_a = _Images(images[labels == 0], labels[labels == 0])
+    part_b = _Images(images[labels == 1], torch.zeros(10))  # relabelled: the "class" of a
+    every = _planted_run(3, runs=3, inputs=full)
+    only = _planted_run(3, runs=3, inputs=full, intervention_inputs="class")
+    a = _planted_run(3, runs=3, inputs=part_a, intervention_inputs="class").runs
+    b = _planted_run(3, runs=3, inputs=part_b, intervention_inputs="class").runs
+    assert (every.table["intervention_inputs"] == "all").all()
+    assert (every.table["n_intervention_inputs"] == 20).all()
+    assert (only.table["intervention_inputs"] == "class").all()
+    assert (only.table["n_intervention_inputs"] == 10).all()
+    assert (every.table["n_class_inputs"] == 10).all()  # the TCAV score: class inputs only
+    for col in ("i_plus", "i_minus"):
+        np.testing.assert_allclose(only.runs[col], a[col], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(every.runs[col], (a[col] + b[col]) / 2, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(every.runs["sign_count"], only.runs["sign_count"])
+    assert not np.allclose(every.runs["i_plus"], only.runs["i_plus"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,6 +881,8 @@ def test_broden_concept_sets(broden_export, tmp_path):
     (["--concept", "brigth"], ("brigth", "bright")),
     (["--broden", "x"], ("exactly one source",)),
     (["--step-units", "pct"], ("--step-units",)),
+    (["--significance", "t-test"], ("--significance", "ttest")),
+    (["--intervention-inputs", "every"], ("--intervention-inputs", "all")),
     (["--layer", "featurs.6"], ("featurs.6", "does not exist")),
     (["--concept-subsample", "0"], ("--concept-subsample must be in (0, 1]",)),
 ])
@@ -730,3 +914,15 @@ def test_cli_broden_bad_layer_writes_nothing(broden_export, tmp_path):
                    env={"CNNEXPLAIN_CACHE": str(tmp_path / "cache")})
     assert_one_line_error(r, 2, "unknown concept 'stripped'", "striped")
     assert snapshot(tmp_path) == before
+
+
+def test_report_says_which_test_decided_and_which_inputs_i_plus_used():
+    from cnnexplain.report.build import _tcav_note
+
+    frame = pd.DataFrame({"significance": ["ttest", "ttest"],
+                          "intervention_inputs": ["all", "all"]})
+    note = _tcav_note(frame)
+    assert "t-test (Kim et al. 2018)" in note and "every class-input image" in note
+    note = _tcav_note(frame.assign(significance="calibrated", intervention_inputs="class"))
+    assert "calibrated score test and CAV test" in note and "images only" in note
+    assert _tcav_note(pd.DataFrame({"concept": ["x"]})) == ""  # an older table: no claim

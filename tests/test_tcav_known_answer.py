@@ -108,7 +108,7 @@ def world(tmp_path_factory):
 
 
 def library_run(world, root=None, concepts=CONCEPTS, targets=("star",), seed=0,
-                cache_dir=None) -> T.TCAVResult:
+                cache_dir=None, **options) -> T.TCAVResult:
     config, model = world["config"], world["model"]
     sets = T.folder_concept_sets(root or world["root"], list(concepts), random_sets=RUNS + 1,
                                  preprocessing=PREP)
@@ -117,7 +117,7 @@ def library_run(world, root=None, concepts=CONCEPTS, targets=("star",), seed=0,
     return T.run_tcav(model, [LAYER], sets.concepts, sets.randoms, inputs,
                       [(config.classes.index(name), name) for name in targets],
                       model_fingerprint=fingerprint, preprocessing=PREP,
-                      config=T.TCAVConfig(random_runs=RUNS, seed=seed),
+                      config=T.TCAVConfig(random_runs=RUNS, seed=seed, **options),
                       cache=Cache(cache_dir or world["cache"]))
 
 
@@ -145,6 +145,10 @@ def test_correlated_colour_is_significant_and_an_unrelated_concept_is_not(world)
     assert stone["cav_accuracy"] < 0.6  # not even readable at the layer
     assert result.n_tests == 2 and (table["n_runs"] == RUNS).all()
     assert (table["n_class_inputs"] == 75).all()  # the 75 stars of the 150 test images
+    assert (table["n_intervention_inputs"] == 150).all()  # I+ / I-: every test image
+    # the paper's t-test (the default decision) agrees on both
+    assert red["p_ttest_bonferroni"] < 0.05 and stone["p_ttest_bonferroni"] >= 0.05
+    assert (table["significance"] == "ttest").all()
 
 
 @pytest.mark.slow
@@ -162,7 +166,8 @@ def test_unrelated_concepts_are_not_significant_more_often_than_alpha_allows(wor
         export_concepts(dataclasses.replace(world["config"], seed=100 + s), root, MATERIALS,
                         n_per_concept=CALIBRATION_PER_SET, n_random_sets=RUNS + 1)
         result = library_run(world, root, MATERIALS, ("star", "cross"), seed=s,
-                             cache_dir=world["base"] / "calibration-cache")
+                             cache_dir=world["base"] / "calibration-cache",
+                             significance="calibrated")
         tables.append(result.table)
         runs = result.runs[result.runs["role"] == "concept"]
         for _, c in runs.groupby(["class", "concept"]):
@@ -178,6 +183,9 @@ def test_unrelated_concepts_are_not_significant_more_often_than_alpha_allows(wor
           f"{(plain < 0.05).sum()} of {len(ours)}; p < 0.2: ours {(ours < 0.2).sum()}, "
           f"independent {(plain < 0.2).sum()}; median p: ours {np.median(ours):.3f}, "
           f"independent {np.median(plain):.3f}")
+    print(f"the paper's t-test on the same runs: p_ttest < 0.05 in "
+          f"{(table['p_ttest'] < 0.05).sum()}, p_ttest_bonferroni < 0.05 in "
+          f"{(table['p_ttest_bonferroni'] < 0.05).sum()} of {len(table)}")
     assert len(table) == 30
     assert not table["significant"].any()
     assert (ours < 0.05).sum() <= 3

@@ -50,6 +50,27 @@ def _list_methods(values: dict) -> None:
     Console(soft_wrap=False).print(table)
 
 
+def _list_metrics(values: dict) -> None:
+    from rich.console import Console
+
+    from cnnexplain.explain.saliency.evaluation import METRICS
+
+    rows = [m.describe() for m in METRICS.values()]
+    if values.get("json_output"):
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    fields = {d.name: d for d in declared(SaliencyOptions)}
+    table = Table(title="Evaluation metrics (evaluation.csv: one column per metric, named as "
+                        "the metric with - written _)")
+    for col in ("metric", "better", "default", "needs", "description", "citation", "Quantus"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["metric"], r["better"], "yes" if r["default"] else "-", r["needs"],
+                      render_fields(r["description"], fields), r["citation"],
+                      render_fields(r["quantus"], fields))
+    Console(soft_wrap=False).print(table)
+
+
 def saliency(options: SaliencyOptions):
     from cnnexplain.jobs import saliency as job
 
@@ -86,5 +107,8 @@ def render(output, term) -> None:
 
 command(app, "saliency", SaliencyOptions, saliency, help=HELP,
         extra=[eager_flag("list_methods", "--list-methods",
-                          "List the methods with one-line descriptions and exit.", panel=SAL)],
-        eager={"list_methods": _list_methods})
+                          "List the methods with one-line descriptions and exit.", panel=SAL),
+               eager_flag("list_metrics", "--list-metrics",
+                          "List the evaluation metrics (direction, default set, citation) and "
+                          "exit.", panel="Evaluation")],
+        eager={"list_methods": _list_methods, "list_metrics": _list_metrics})

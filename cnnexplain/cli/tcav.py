@@ -40,16 +40,24 @@ METHODS = "\n\n".join([
     "v = w/|w| points toward the concept; its balanced accuracy on the images it was not "
     "trained on (those of its two sets, and all other random sets) is reported.",
     "[bold]Scores[/] over the class inputs: sign count = fraction with S > 0, S = grad of the "
-    "class logit w.r.t. the activation . v; magnitude = sum |S|[S>0] / sum |S| (captum's); "
-    "I+ = fraction whose class probability rises when --step * v is added to the activation "
-    "(--step-units norm: --step * |a| per input), I- = fraction whose probability falls when it "
-    "is subtracted.",
+    "class logit w.r.t. the activation . v; magnitude = sum |S|[S>0] / sum |S| (captum's). "
+    "I+ = fraction of inputs whose class probability rises when --step * v is added to the "
+    "activation (--step-units norm: --step * |a| per input), I- = fraction whose probability "
+    "falls when it is subtracted; over every image of the class-input data, of every class "
+    "(--intervention-inputs all, the default: the test set of their definition) or over the "
+    "target class's images only (--intervention-inputs class). tcav.csv's intervention_inputs "
+    "column says which.",
     "[bold]Runs[/]: --random-runs N; run k trains each concept against random_k, and a baseline "
     "CAV of random_(k-1) against random_k, whose scores are the chart's random reference (needs "
     "random_0..random_N).",
-    "[bold]Significance[/]: a concept is significant for a class at a layer when two tests both "
-    "reject at --alpha, each p-value multiplied by the number of tests (concepts x classes x "
-    "layers, capped at 1) unless --no-bonferroni. p (score test): the mean sign count differs "
+    "[bold]Significance[/] (--significance; every p-value is reported either way, m = the "
+    "number of tests, concepts x classes x layers). ttest (the default, Kim et al. 2018): "
+    "p_ttest is a two-sided two-sample t-test of the concept's N TCAV scores against the N "
+    "random-vs-random scores (H0: the concept's CAVs score like random directions); significant "
+    "when p_ttest_bonferroni = min(1, m p_ttest) < --alpha (p_ttest with --no-bonferroni). It "
+    "takes the N runs as independent although they share the concept images, so it is "
+    "optimistic. calibrated: significant when two tests both reject at --alpha, each p-value "
+    "multiplied by m (capped at 1) unless --no-bonferroni. p (score test): the mean sign count differs "
     "from a random direction's, which is 0.5 by symmetry; a t-test on the probit scale whose "
     "variance is the runs' spread times r/(1-r) + 1/N, r being the share of the concept "
     "images each CAV is trained on, so that the images shared by all runs count as one sample "
@@ -80,20 +88,28 @@ def render(output, term) -> None:
 def _print_table(term, result, config) -> None:
     correction = (f"Bonferroni-corrected over {result.n_tests} tests" if config.bonferroni
                   else "uncorrected")
-    table = Table(title=f"TCAV ({config.random_runs} runs; p and CAV p {correction}; "
-                        f"significant when both < {config.alpha:g})")
+    rule = ("t-test p (Kim et al. 2018)" if config.significance == "ttest"
+            else "p and CAV p both")
+    table = Table(title=f"TCAV ({config.random_runs} runs; p-values {correction}, the raw "
+                        f"t-test p in brackets; significant when {rule} < {config.alpha:g}; "
+                        f"I+ / I- over {INTERVENTION_LABEL[config.intervention_inputs]})")
     for col in ("concept", "class", "layer", "TCAV score", "random", "magnitude", "I+", "I-",
-                "CAV acc", "p", "CAV p", "significant"):
+                "CAV acc", "t-test p", "p", "CAV p", "significant"):
         table.add_column(col, justify="left" if col in ("concept", "class", "layer") else "right")
     for r in result.table.to_dict(orient="records"):
         table.add_row(escape(str(r["concept"])), escape(str(r["class"])), escape(str(r["layer"])),
                       f"{r['score_mean']:.3f} ± {r['score_std']:.3f}",
                       f"{r['random_score_mean']:.3f} ± {r['random_score_std']:.3f}",
                       f"{r['magnitude']:.3f}", f"{r['i_plus']:.3f}", f"{r['i_minus']:.3f}",
-                      f"{r['cav_accuracy']:.3f}", f"{r['p_value']:.3g}",
+                      f"{r['cav_accuracy']:.3f}",
+                      f"{r['p_ttest_bonferroni' if config.bonferroni else 'p_ttest']:.3g} "
+                      f"({r['p_ttest']:.3g})", f"{r['p_value']:.3g}",
                       f"{r['cav_p_value']:.3g}",
                       "[green]yes[/]" if r["significant"] else "no")
     term.print(table)
+
+
+INTERVENTION_LABEL = {"all": "all class-input images", "class": "the target class's images"}
 
 
 command(app, "tcav", TcavOptions, tcav, help=HELP,

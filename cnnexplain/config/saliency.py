@@ -75,6 +75,62 @@ class EvalOptions:
                                         show_default=False, example=4)
     deletion_steps: int = option(20, low=1, help="Steps of the deletion / insertion curves.",
                                  panel=EVAL)
+    deletion_baseline: str = option("random", choices=("random", "mean", "blur"),
+                                    help="What deleted pixels become: random values (uniform "
+                                    "pixels, the definition of Samek et al. 2016 as the HKUST "
+                                    "XAI lectures give it), the mean colour, or a blur.",
+                                    panel=EVAL)
+    deletion_class: str = option("label", choices=("label", "target"), help="Whose probability "
+                                 "the deletion curve follows: the true class (Samek et al. "
+                                 "2016) or the explained target class.", panel=EVAL)
+    localization_criterion: str = option("ilsvrc", choices=("ilsvrc", "iou"), help="ilsvrc: a "
+                                         "misclassified image is a localization error too "
+                                         "(Russakovsky et al. 2015); iou: only IoU < 0.5 counts, "
+                                         "over the pairs whose class is in the image.",
+                                         panel=EVAL)
+    removal_baseline: str = option("mean", choices=("mean", "random", "blur", "black",
+                                                    "white"),
+                                   help="What removed pixels become in faithfulness-"
+                                   "correlation, region-perturbation, pixel-flipping, irof and "
+                                   "infidelity: the mean colour (0 in model space, Quantus's "
+                                   "perturb_baseline=0.0), random pixels, a blur, or Quantus's "
+                                   "black / white (each image's min / max).", panel=EVAL)
+    faithfulness_runs: int = option(100, low=2, help="Random subsets per image of "
+                                    "faithfulness-correlation (Quantus: 100).", panel=EVAL)
+    faithfulness_subset: int | None = option(None, low=1, help="Pixels per subset (default "
+                                             "H W / 16; Quantus: 224 elements).", panel=EVAL,
+                                             show_default=False, example=64)
+    region_patch: int | None = option(None, low=1, help="Block side of region-perturbation "
+                                      "(default side // 16; Quantus: 8).", panel=EVAL,
+                                      show_default=False, example=4)
+    regions: int = option(100, low=1, help="Blocks removed by region-perturbation (Samek et "
+                          "al.'s and Quantus's 100; at most all blocks).", panel=EVAL)
+    flip_steps: int = option(64, low=1, help="Steps of pixel-flipping and the symmetric "
+                             "relevance gain (Quantus: one channel element per step).",
+                             panel=EVAL)
+    road_step: int = option(10, low=1, high=50, help="ROAD's percentages: road_step, 2 "
+                            "road_step, ... below 100 (Quantus: 1, 3, ..., 99).", panel=EVAL)
+    road_noise: float = option(0.01, low=0, help="Noise of ROAD's linear imputation "
+                               "(Rong et al.'s 0.01).", panel=EVAL)
+    irof_segments: int = option(100, low=2, help="SLIC superpixels of irof (Quantus: 100).",
+                                panel=EVAL)
+    infidelity_patch: int | None = option(None, low=1, help="Block side of infidelity "
+                                          "(default side // 8; Quantus: 4).", panel=EVAL,
+                                          show_default=False, example=4)
+    robustness_samples: int = option(16, low=1, help="Noisy inputs per image for max- / "
+                                     "avg-sensitivity and the local Lipschitz estimate (each "
+                                     "costs one explanation; Quantus's default is 200).",
+                                     panel=EVAL)
+    sensitivity_radius: float = option(0.2, low=0, low_open=True, help="Radius of the uniform "
+                                       "noise of the sensitivity metrics (model-input units).",
+                                       panel=EVAL)
+    lipschitz_std: float = option(0.1, low=0, low_open=True, help="Standard deviation of the "
+                                  "local Lipschitz estimate's Gaussian noise.", panel=EVAL)
+    completeness_reference: str = option("baseline", choices=("baseline", "zero"),
+                                         help="completeness: compare sum(map) with f(x) - f(0) "
+                                         "(the zero, mean-colour image: integrated gradients' "
+                                         "baseline) or with f(x) (LRP's conservation).",
+                                         panel=EVAL)
     sanity_steps: int = option(5, low=1, help="Groups of layers randomized in turn, top down.",
                                panel=EVAL)
     sanity_limit: int = option(16, low=1, help="Pairs the sanity check recomputes.", panel=EVAL)
@@ -122,9 +178,9 @@ class SaliencyOptions:
                            "no grid).", panel=SAL)
     method_options: MethodOptions = group(MethodOptions)
     evaluate: bool = option(False, help="Score the maps (needs ground truth).", panel=EVAL)
-    metrics: str = option("all", help="pointing, energy, ablation, deletion, insertion, "
-                          "localization, occlusion-rank, sanity, discriminativeness, or all.",
-                          panel=EVAL)
+    metrics: str = option("default", help="Comma-separated metrics (see `list_metrics`), "
+                          "default (every metric that costs at most two explanations per "
+                          "image), or all.", panel=EVAL)
     eval_options: EvalOptions = group(EvalOptions)
     run: RunOptions = group(RunOptions)
     compute: ComputeOptions = group(ComputeOptions)

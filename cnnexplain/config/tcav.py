@@ -16,6 +16,8 @@ CONCEPTS = "Concepts"
 TCAV_PANEL = "TCAV"
 LOSSES = ("hinge", "logistic")
 STEP_UNITS = ("absolute", "norm")
+INTERVENTION_INPUTS = ("all", "class")
+SIGNIFICANCE = ("ttest", "calibrated")
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,22 @@ class TCAVConfig:
                          "norm).", panel=TCAV_PANEL)
     step_units: str = option("absolute", choices=STEP_UNITS, help="absolute (a +- eps v, as "
                              "the CDCNN report) or norm (a +- eps |a| v).", panel=TCAV_PANEL)
+    intervention_inputs: str = option("all", choices=INTERVENTION_INPUTS, help="Inputs I+ / "
+                                      "I- average over: all (every class-input image, of "
+                                      "every class: the test set D of the I+ / I- "
+                                      "definition) or class (only the target class's images, "
+                                      "as the TCAV score).", panel=TCAV_PANEL)
+    significance: str = option("ttest", choices=SIGNIFICANCE, help="Test that decides "
+                               "the significant column: ttest (Kim et al. 2018: two-sided t-test of the "
+                               "concept's scores against the random-vs-random scores) or "
+                               "calibrated (the score test and the CAV test must both reject). "
+                               "Both p-values are reported either way.", panel=TCAV_PANEL)
     alpha: float = option(0.05, low=0, high=1, low_open=True, high_open=True, help="Significance "
-                          "level of both tests (after the Bonferroni factor).", panel=TCAV_PANEL)
-    bonferroni: bool = option(True, negatable=True, help="Multiply p-values by the number of "
-                              "tests (concepts x classes x layers).", panel=TCAV_PANEL)
+                          "level of the deciding test (after the Bonferroni factor).",
+                          panel=TCAV_PANEL)
+    bonferroni: bool = option(True, negatable=True, help="Decide on p-values multiplied by the "
+                              "number of tests (concepts x classes x layers, capped at 1).",
+                              panel=TCAV_PANEL)
     seed: int = option(0, cli=False, help="The run's seed.")
 
     def validate(self) -> "TCAVConfig":

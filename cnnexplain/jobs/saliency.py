@@ -63,10 +63,11 @@ def run(plan, session: Session):
 
 
 def write(plan, outcome, session: Session) -> Output:
-    """saliency/maps.h5, evaluation.csv, sanity.csv, overlays and the grid (atomically)."""
+    """saliency/maps.h5, evaluation.csv (with metric_ranks.csv, metric_agreement.csv and
+    evaluation_curves.h5), sanity.csv, overlays and the grid (atomically)."""
     import torch
 
-    from cnnexplain.explain.saliency.outputs import write_maps_h5, write_pngs
+    from cnnexplain.explain.saliency.outputs import write_curves_h5, write_maps_h5, write_pngs
     from cnnexplain.explain.saliency.pipeline import display_images
     from cnnexplain.io import write_csv
 
@@ -81,8 +82,14 @@ def write(plan, outcome, session: Session) -> Output:
     paths = [write_maps_h5(layout.saliency_maps, o.results, o.image_index.numpy(),
                            o.targets.numpy(), o.rank.numpy(), labels.numpy(), names, attrs)]
     if o.evaluation is not None:
+        from cnnexplain.explain.saliency.evaluation import CURVES
+
         write_csv(layout.saliency_evaluation, o.evaluation)
-        paths.append(layout.saliency_evaluation)
+        write_csv(layout.saliency_ranks, o.ranks)
+        write_csv(layout.saliency_agreement, o.agreement)
+        paths += [layout.saliency_evaluation, layout.saliency_ranks, layout.saliency_agreement]
+        if o.curves:
+            paths.append(write_curves_h5(layout.saliency_curves, o.curves, CURVES, attrs))
     if o.sanity is not None:
         write_csv(layout.saliency_sanity, o.sanity)
         paths.append(layout.saliency_sanity)

@@ -114,7 +114,9 @@ def write(plan: Plan, computed, session: Session) -> Output:
               title=f"TCAV: {loaded.backbone} ({loaded.source}), {config.random_runs} runs")
     rows = result.table.to_dict(orient="records")
     summary = {"rows": rows, "n_tests": result.n_tests, "bonferroni": config.bonferroni,
-               "alpha": config.alpha, "random_runs": config.random_runs,
+               "alpha": config.alpha, "significance": config.significance,
+               "intervention_inputs": config.intervention_inputs,
+               "random_runs": config.random_runs,
                "concept_subsample": config.concept_subsample,
                "significant": [f"{r['concept']}|{r['class']}|{r['layer']}" for r in rows
                                if r["significant"]],

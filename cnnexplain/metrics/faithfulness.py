@@ -10,10 +10,12 @@ batches of ``batch_size`` perturbed images. Nothing is written anywhere.
   by importance, perturb them, measure the drop in the class probability; Petsiuk et al. 2018
   for the curves): pixels are ranked by the map (descending, stable); after removing (deletion)
   or revealing (insertion) the top ``k / steps`` fraction, ``k = 0..steps``, the target class's
-  softmax probability is recorded. Removed pixels take the *baseline*: ``"mean"`` (0 in model
-  space, the normalization mean colour) or ``"blur"`` (a Gaussian blur of the image, sigma =
-  side / 16); deletion starts from the image and uses ``"mean"`` by default, insertion starts
-  from the baseline and uses ``"blur"`` by default, as in Petsiuk et al. The AUC is the
+  softmax probability is recorded. Removed pixels take the *baseline*: ``"random"`` (random
+  values, seed 002's definition: uniform in [0, 1] per pixel and channel in pixel space, one
+  seeded random image per input), ``"mean"`` (0 in model space, the normalization mean colour)
+  or ``"blur"`` (a Gaussian blur of the image, sigma = side / 16); insertion starts from the
+  baseline and uses ``"blur"`` by default, as in Petsiuk et al. Which class is scored is the
+  caller's choice (seed 002 measures the *true* class). The AUC is the
   trapezoid rule over the removed fraction in [0, 1]: low is good for deletion, high for
   insertion.
 - Ablation (seed ``003_0c687514e405e536.txt``, sec. 5.2): a ``patch x patch`` square around
@@ -70,30 +72,46 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return out
 
 
-def baseline_images(images: torch.Tensor, kind: str) -> torch.Tensor:
-    """The perturbation baseline ``[N, 3, H, W]``: ``"mean"`` (zeros in model space) or
-    ``"blur"`` (Gaussian blur, sigma = min(H, W) / 16)."""
+BASELINES = ("random", "mean", "blur")
+"""The named perturbation baselines of :func:`baseline_images`."""
+
+
+def baseline_images(images: torch.Tensor, kind: str, generator: torch.Generator | None = None,
+                    to_model=None) -> torch.Tensor:
+    """The perturbation baseline ``[N, 3, H, W]``: ``"random"`` (random values, seed 002's
+    "replace them by random values": every pixel and channel uniform in [0, 1] in *pixel*
+    space, mapped to model space by ``to_model``, e.g. the preprocessing's ``normalize``; drawn
+    on the CPU from ``generator``, one image per input), ``"mean"`` (zeros in model space, the
+    normalization mean colour) or ``"blur"`` (Gaussian blur, sigma = min(H, W) / 16)."""
     if kind == "mean":
         return torch.zeros_like(images)
     if kind == "blur":
         return gaussian_blur(images, max(0.5, min(images.shape[-2:]) / 16.0))
-    raise ValueError(f"unknown baseline {kind!r} (use 'mean' or 'blur')")
+    if kind == "random":
+        u = torch.rand(images.shape, generator=generator, dtype=torch.float32)
+        u = to_model(u) if to_model is not None else u
+        return u.to(images)
+    raise ValueError(f"unknown baseline {kind!r} (use one of {', '.join(BASELINES)})")
 
 
 def perturbation_curve(score: ScoreFn, images: torch.Tensor, maps, targets: torch.Tensor,
-                       mode: str = "deletion", steps: int = 20, baseline: str | None = None,
+                       mode: str = "deletion", steps: int = 20,
+                       baseline: str | torch.Tensor | None = None,
                        batch_size: int = 64) -> np.ndarray:
     """Deletion or insertion curves ``[N, steps + 1]`` (scores after 0, 1/steps, ..., 1 of
-    the pixels were removed / revealed, in map order). See the module docstring."""
+    the pixels were removed / revealed, in map order). ``baseline``: a name of
+    :func:`baseline_images` (``"random"`` needs the images given in a tensor: pass
+    ``baseline_images(images, "random", generator, to_model)``) or that tensor ``[N, 3, H, W]``.
+    See the module docstring."""
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be deletion or insertion, got {mode!r}")
-    baseline = baseline or ("mean" if mode == "deletion" else "blur")
+    baseline = baseline if baseline is not None else ("mean" if mode == "deletion" else "blur")
     n, _, h, w = images.shape
     m = torch.as_tensor(np.asarray(maps, dtype=np.float32)).reshape(n, h * w)
     order = torch.argsort(-m, dim=1, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(h * w).expand(n, -1).contiguous())  # rank of each pixel
-    base = baseline_images(images, baseline)
+    base = baseline if isinstance(baseline, torch.Tensor) else baseline_images(images, baseline)
     counts = torch.round(torch.arange(steps + 1, dtype=torch.float64) * (h * w) / steps).long()
     out = np.zeros((n, steps + 1))
     total = n * (steps + 1)

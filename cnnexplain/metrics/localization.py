@@ -13,7 +13,12 @@ y1)`` in pixels with exclusive ends (pixel ``(r, c)`` is inside iff ``x0 <= c < 
 - Localization (Selvaraju et al. 2017, seed ``002_d3d71848a193426f.txt``, "Interpretability via
   Localization"): binarize at 15% of the map's maximum, take the largest connected segment
   (4-connectivity), its bounding box, and the IoU with the true box; the localization error is
-  the fraction with IoU < 0.5 (the ILSVRC criterion).
+  the fraction with IoU < 0.5 or, the ILSVRC criterion, a wrong top-1 class.
+- Relevance mass accuracy and relevance rank accuracy (Arras, Osman, Samek, "CLEVR-XAI: A
+  benchmark dataset for the ground truth evaluation of neural network explanations",
+  Information Fusion 81, 2022; Quantus ``RelevanceMassAccuracy`` / ``RelevanceRankAccuracy``):
+  the share of the map's sum that falls on the mask, and the share of the ``K = |mask|``
+  highest-ranked pixels that lie on it. NaN for an empty mask.
 """
 
 from __future__ import annotations
@@ -149,7 +154,62 @@ def localization(maps, boxes, threshold: float = 0.15) -> tuple[np.ndarray, np.n
     return box_iou(pred, boxes), pred
 
 
-def localization_error(iou, cutoff: float = 0.5) -> float:
-    """Fraction of maps whose box IoU is below ``cutoff``."""
+def localization_error(iou, cutoff: float = 0.5, correct=None) -> float:
+    """Fraction of maps whose box IoU is below ``cutoff``; with ``correct`` (bool ``[N]``,
+    the model's top-1 prediction is the image's label) an image also counts as an error when
+    it is misclassified, the ILSVRC localization criterion (Russakovsky et al. 2015) that seed
+    002 names: a localization is right only when the class *and* the box are."""
     iou = np.asarray(iou, dtype=np.float64)
-    return float((iou < cutoff).mean()) if iou.size else float("nan")
+    if not iou.size:
+        return float("nan")
+    wrong = iou < cutoff
+    if correct is not None:
+        wrong = wrong | ~np.asarray(correct, dtype=bool)
+    return float(wrong.mean())
+
+
+def _maps_and_masks(maps, masks) -> tuple[np.ndarray, np.ndarray]:
+    m = maps.detach().cpu().numpy() if hasattr(maps, "detach") else np.asarray(maps)
+    if m.ndim != 3:
+        raise ValueError(f"maps must be [N, H, W], got shape {list(m.shape)}")
+    if not np.issubdtype(m.dtype, np.floating):
+        m = m.astype(np.float64)
+    s = masks.detach().cpu().numpy() if hasattr(masks, "detach") else np.asarray(masks)
+    s = s.reshape(m.shape).astype(bool)
+    return m.reshape(m.shape[0], -1), s.reshape(m.shape[0], -1)
+
+
+def relevance_mass_accuracy(maps, masks) -> np.ndarray:
+    """float64 ``[N]``: ``sum(a on the mask) / sum(a)`` (Arras, Osman, Samek, Information Fusion
+    2022; Quantus ``RelevanceMassAccuracy`` with the maps as given; its defaults ``abs=False,
+    normalise=True`` do not change this ratio). Negative values count with their sign, as in
+    the paper and Quantus, so the ratio can leave [0, 1] (take the positive part or ``abs``
+    first). NaN for an empty mask (and inf / NaN for a map that sums to 0). ``masks``
+    ``[N, H, W]``, nonzero = object; torch or numpy."""
+    m, s = _maps_and_masks(maps, masks)
+    m = m.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = (m * s).sum(axis=1) / m.sum(axis=1)
+    out[s.sum(axis=1) == 0] = np.nan
+    return out
+
+
+def relevance_rank_accuracy(maps, masks) -> np.ndarray:
+    """float64 ``[N]``: with ``K = |mask|``, the fraction of the ``K`` highest-ranked pixels that
+    lie on the mask (Arras, Osman, Samek, Information Fusion 2022; Quantus
+    ``RelevanceRankAccuracy``). NaN for an empty mask.
+
+    Ties: the ranking is ``np.argsort(-a)`` with numpy's default (unstable) sort on the map's
+    own dtype (float32 stays float32), exactly Quantus's call; so where tied values straddle the
+    K-th rank, which of them count is numpy's choice (it may depend on the numpy version and
+    CPU), and matches Quantus only on the same installation. A map equal to the mask ranks its
+    K ones first and scores 1."""
+    m, s = _maps_and_masks(maps, masks)
+    k = s.sum(axis=1)
+    order = np.argsort(-m, axis=-1)
+    top = np.arange(m.shape[1])[None, :] < k[:, None]
+    hits = (np.take_along_axis(s, order, axis=1) & top).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = hits / k.astype(np.float64)
+    out[k == 0] = np.nan
+    return out

@@ -118,6 +118,19 @@ def build_report(runs: list[RunResults], out: Path, progress=None) -> Report:
             continue
         sal += (f"<h3>{H.esc(r.name)}</h3>{H.table(r.saliency_eval)}"
                 f"{H.img(r.saliency_grid, r.name + ' saliency grid')}")
+        curves = save_png(f"saliency-curves-{_slug(r.name)}.png", plots.evaluation_curves(
+            r.saliency_curves, f"{r.name}: evaluation curves (mean over pairs)"))
+        if curves:
+            sal += H.img(curves, r.name + " evaluation curves")
+        if r.saliency_ranks is not None and len(r.saliency_ranks):
+            heat = save_png(f"saliency-agreement-{_slug(r.name)}.png", plots.agreement_heatmap(
+                r.saliency_agreement, "rank agreement of the metrics (Kendall's tau-b)"))
+            sal += ("<h4>How the metrics rank the methods (1 = best)</h4><p class=\"muted\">"
+                    "Each column ranks the methods by one metric in its own direction; the "
+                    "heatmap is the agreement of two metrics' rankings (Kendall's tau-b; -1: "
+                    "reversed). Metrics disagree (Hedström et al. 2023, MetaQuantus; Tomsett et "
+                    "al. 2020): trust what several agree on.</p>"
+                    f"{H.table(r.saliency_ranks)}{H.img(heat, r.name + ' metric agreement')}")
     if sal:
         sal = (said("saliency") + "<p class=\"muted\">Green box: the explained class's object; "
                "white cross: the map's maximum (the pointing game's point). For a gated model, "
@@ -149,7 +162,7 @@ def build_report(runs: list[RunResults], out: Path, progress=None) -> Report:
         if r.tcav is None:
             continue
         tc += (f"<h3>{H.esc(r.name)}</h3>{H.img(r.tcav_png, r.name + ' TCAV scores')}"
-               f"{H.table(r.tcav, highlight_significant=True)}")
+               f"{_tcav_note(r.tcav)}{H.table(r.tcav, highlight_significant=True)}")
     if tc:
         tc = said("tcav") + tc
     sections.append(("tcav", "TCAV", tc))
@@ -181,6 +194,28 @@ def build_report(runs: list[RunResults], out: Path, progress=None) -> Report:
     files.append(index)
     return Report(runs=runs, summary=summary, metrics=metrics, index=index, files=files,
                   checks=checks)
+
+
+TCAV_TESTS = {"ttest": "the TCAV paper's t-test (Kim et al. 2018) of the concept's scores "
+                       "against random-vs-random scores, p_ttest_bonferroni (p_ttest when "
+                       "the bonferroni column is False)",
+              "calibrated": "the calibrated score test and CAV test, p_value and cav_p_value "
+                            "both"}
+TCAV_INPUTS = {"all": "every class-input image, of every class",
+               "class": "the target class's images only"}
+
+
+def _tcav_note(frame: pd.DataFrame) -> str:
+    """One line saying which test decided ``significant`` and which inputs I+ / I- used
+    (tables written before these columns existed: nothing)."""
+    parts = []
+    if "significance" in frame and frame["significance"].nunique() == 1:
+        test = str(frame["significance"].iloc[0])
+        parts.append(f"significant: {TCAV_TESTS.get(test, test)} below alpha")
+    if "intervention_inputs" in frame and frame["intervention_inputs"].nunique() == 1:
+        inputs = str(frame["intervention_inputs"].iloc[0])
+        parts.append(f"I+ / I- over {TCAV_INPUTS.get(inputs, inputs)}")
+    return f"<p>{H.esc('; '.join(parts))}.</p>" if parts else ""
 
 
 def _slug(name: str) -> str:

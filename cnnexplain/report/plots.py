@@ -115,3 +115,76 @@ def ablation_heatmap(frame: pd.DataFrame, title: str) -> bytes | None:
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return _png(fig)
+
+
+def evaluation_curves(path: Path | None, title: str) -> bytes | None:
+    """Small multiples of ``evaluation_curves.h5``: one panel per curve (deletion, insertion,
+    the removal orders ...), the mean over pairs of each method's curve."""
+    import h5py
+
+    if path is None or not Path(path).is_file():
+        return None
+    panels: dict[str, list] = {}
+    try:
+        with h5py.File(path, "r") as f:
+            for method in f:
+                for name in f[method]:
+                    g = f[method][name]
+                    y = np.asarray(g["y"][()], dtype=float)
+                    if y.ndim != 2 or not len(y):
+                        continue
+                    panels.setdefault(name, []).append(
+                        (method, np.asarray(g["x"][()], dtype=float), np.nanmean(y, axis=0),
+                         str(g["x"].attrs.get("axis", "")), str(g["y"].attrs.get("axis", ""))))
+    except (OSError, KeyError, ValueError):
+        return None
+    if not panels:
+        return None
+    n = len(panels)
+    cols = min(4, n)
+    rows = (n + cols - 1) // cols
+    fig = figure(3.4 * cols, 2.9 * rows, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, (name, lines) in zip(axes.ravel(), panels.items()):
+        for method, x, y, _, _ in lines:
+            ax.plot(x, y, label=method, lw=1.2)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(lines[0][3], fontsize=8)
+        ax.set_ylabel(lines[0][4], fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    axes.ravel()[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def agreement_heatmap(frame: pd.DataFrame | None, title: str) -> bytes | None:
+    """Heatmap of metric_agreement.csv: Kendall's tau-b between two metrics' rankings of the
+    methods (1: same order, -1: reversed, blank: undefined)."""
+    if frame is None or frame.empty or frame.shape[1] < 2:
+        return None
+    values = frame.iloc[:, 1:].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    keep = np.isfinite(values).any(axis=1)  # a metric with no ranking (e.g. no truth) is left out
+    if keep.sum() < 2 or values.shape[0] != values.shape[1]:
+        return None
+    values = values[keep][:, keep]
+    names = [str(n) for n, k in zip(frame.iloc[:, 0], keep) if k]
+    frame = frame.iloc[keep.nonzero()[0], [0] + [1 + j for j in keep.nonzero()[0]]]
+    k = len(names)
+    fig = figure(max(4.0, 0.45 * k + 2.4), max(3.4, 0.42 * k + 1.6))
+    ax = fig.subplots()
+    im = ax.imshow(np.ma.masked_invalid(values), vmin=-1.0, vmax=1.0, cmap="RdBu",
+                   interpolation="nearest")
+    ax.set_xticks(range(values.shape[1]))
+    ax.set_xticklabels(list(frame.columns[1:]), rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(k))
+    ax.set_yticklabels(names, fontsize=7)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if np.isfinite(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=6)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return _png(fig)

@@ -17,6 +17,13 @@ Root attributes: ``cnnexplain_version``, ``target`` (the `target` text), ``sourc
 comes from raw), ``sign`` (sign convention), ``units``, ``citation``, ``options_json`` (the options that
 produced it), ``layer``, ``seconds`` and ``cached``.
 
+``evaluation_curves.h5`` (``evaluate``; atomically)::
+
+    /<method>/<curve>/x   float64 [K]      the curve's x axis (attribute ``axis``)
+    /<method>/<curve>/y   float64 [M, K]   one curve per explained pair (attribute ``axis``)
+
+(curves: deletion, insertion, and the removal metrics' curves in both orders).
+
 Overlays: ``overlays/<method>_<m>.png`` for the first pairs: the image with the map on top
 (signed maps: a diverging colormap symmetric around 0; nonnegative maps: ``inferno`` from 0)
 and a colour bar in the map's units. ``grid.png``: rows = pairs, columns = the image and each
@@ -36,15 +43,35 @@ from cnnexplain.io import atomic_path, write_bytes
 from cnnexplain.plotting import figure, png_bytes
 
 
+def _root_attrs(f, attrs: dict) -> None:
+    """The version and ``attrs`` (non-scalars as JSON) on the file's root."""
+    f.attrs["cnnexplain_version"] = __version__
+    for k, v in attrs.items():
+        f.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v, default=str)
+
+
+def write_curves_h5(path, curves: dict, axes: dict, attrs: dict) -> Path:
+    """Write ``evaluation_curves.h5`` (layout in the module docstring) atomically: ``curves``
+    method -> name -> ``(x [K], y [M, K])``, ``axes`` name -> ``(x label, y label)``."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            _root_attrs(f, attrs)
+            for method, named in curves.items():
+                for name, (x, y) in named.items():
+                    xl, yl = axes.get(name, ("", ""))
+                    f.create_dataset(f"{method}/{name}/x", data=x).attrs["axis"] = xl
+                    f.create_dataset(f"{method}/{name}/y", data=y).attrs["axis"] = yl
+    return path
+
+
 def write_maps_h5(path, results, image_index, targets, rank, labels, names, attrs: dict) -> Path:
     """Write ``maps.h5`` (layout in the module docstring) atomically; returns ``path``."""
     path = Path(path)
     m = len(image_index)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.attrs["cnnexplain_version"] = __version__
-            for k, v in attrs.items():
-                f.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v, default=str)
+            _root_attrs(f, attrs)
             f.create_dataset("image_index", data=np.asarray(image_index, dtype=np.int64))
             f.create_dataset("target", data=np.asarray(targets, dtype=np.int64))
             f.create_dataset("rank", data=np.asarray(rank, dtype=np.int64))

@@ -178,7 +178,9 @@ def plan(loaded, images: ImageSet, requested: list[str] | None, target: TargetSp
 @dataclass
 class Outcome:
     """What :func:`execute` computed: the explained pairs, one :class:`MethodResult` per method,
-    evaluation rows (method x metric) and sanity rows (method x step)."""
+    evaluation rows (method x metric), sanity rows (method x step), the evaluation's curves
+    (method -> name -> ``[M, K]``), the methods' ranks per metric and the metrics' rank
+    agreement."""
 
     image_index: torch.Tensor
     targets: torch.Tensor
@@ -186,6 +188,9 @@ class Outcome:
     results: list[MethodResult]
     evaluation: pd.DataFrame | None = None
     sanity: pd.DataFrame | None = None
+    curves: dict = field(default_factory=dict)
+    ranks: pd.DataFrame | None = None
+    agreement: pd.DataFrame | None = None
 
     def summary(self) -> dict:
         methods = {}
@@ -227,10 +232,14 @@ def execute(p: Plan, cache=None, progress=None) -> Outcome:
         labels = p.images.labels if p.images.labels is not None else torch.full(
             (len(p.images),), -1, dtype=torch.long)
         data = EvalData(explainer=explainer, labels=labels, truth=p.images.truth,
-                        image_index=image_index, targets=targets, options=p.eval_options)
-        rows, sanity = evaluate(data, results, p.metrics, progress)
-        outcome.evaluation = pd.DataFrame(rows)
-        outcome.sanity = pd.DataFrame(sanity) if sanity else None
+                        image_index=image_index, targets=targets, options=p.eval_options,
+                        predictions=logits.argmax(dim=1).cpu())
+        ev = evaluate(data, results, p.metrics, progress)
+        outcome.evaluation = pd.DataFrame(ev.rows)
+        outcome.sanity = pd.DataFrame(ev.sanity) if ev.sanity else None
+        outcome.curves = ev.curves
+        outcome.ranks = ev.ranks.reset_index()
+        outcome.agreement = ev.agreement.rename_axis("metric").reset_index()
     return outcome
 
 

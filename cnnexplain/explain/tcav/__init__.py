@@ -22,10 +22,10 @@ from cnnexplain.explain.tcav.scores import (
                                          magnitude,
                                          sign_count,
 )
-from cnnexplain.explain.tcav.stats import TABLE_COLUMNS, summarize
+from cnnexplain.explain.tcav.stats import TABLE_COLUMNS, kim_ttest, summarize
 
 __all__ = ["CAV", "CAVConfig", "ConceptSets", "RUN_COLUMNS", "SOLVERS", "TABLE_COLUMNS",
            "TCAVConfig", "TCAVResult", "broden_concept_sets", "check_layers",
-           "directional_derivatives", "folder_concept_sets", "interventional_scores",
+           "directional_derivatives", "folder_concept_sets", "interventional_scores", "kim_ttest",
            "logit_gradients", "magnitude", "plot_tcav", "run_tcav", "sign_count",
            "stratified_split", "subsample_size", "summarize", "train_cav"]

@@ -72,7 +72,7 @@ RUN_COLUMNS = ["concept", "negative", "role", "run", "class", "class_index", "la
                "sign_count", "n_positive", "magnitude", "i_plus", "i_minus",
                "sensitivity_mean", "cav_accuracy", "cav_n_train", "cav_pool", "cav_test_tp",
                "cav_test_fn", "cav_test_tn", "cav_test_fp", "cav_key", "n_class_inputs",
-               "n_nonzero_gradients"]
+               "n_nonzero_gradients", "n_intervention_inputs"]
 
 
 def cav_seed(seed: int, positive_key: str, negative_key: str) -> int:
@@ -136,7 +136,9 @@ def run_tcav(model: nn.Module, layers: Sequence[str], concepts: Mapping[str, Ima
     ignored): run k (1..N) trains each concept against ``randoms[k]`` and the baseline
     pseudo-concept ``randoms[k-1]`` against ``randoms[k]``; ``inputs``: the images whose
     sensitivities are counted -- with ``filter_by_label`` the class-c inputs are the images
-    labelled c (labels as the dataset yields them), else every image serves every target;
+    labelled c (labels as the dataset yields them), else every image serves every target; I+ /
+    I- average over every image of ``inputs`` (``config.intervention_inputs="all"``: the test
+    set D of their definition) or over the class-c inputs only (``"class"``);
     ``targets``: [(class index, name)]. Everything is cached in ``cache`` (None: a disabled
     cache). Every key is computed from content fingerprints first and entries are read only
     when needed: a warm run reads one score entry per (layer, class) and nothing else."""
@@ -210,7 +212,7 @@ def run_tcav(model: nn.Module, layers: Sequence[str], concepts: Mapping[str, Ima
                 return cavs
 
             for class_index, class_name in targets:
-                scores, infos, n_inputs, n_nonzero = _scores(
+                scores, infos, n_inputs, n_nonzero, n_intervention = _scores(
                     ctx, int(class_index), class_name, filter_by_label,
                     [cav_keys[p] for p in order], get_cavs, config)
                 for pair, sc, info in zip(order, scores, infos):
@@ -225,7 +227,8 @@ def run_tcav(model: nn.Module, layers: Sequence[str], concepts: Mapping[str, Ima
                         **{f"cav_{f}": info[f] for f in ("n_train", "pool", "test_tp",
                                                          "test_fn", "test_tn", "test_fp")},
                         "cav_key": key, "n_class_inputs": n_inputs,
-                        "n_nonzero_gradients": n_nonzero})
+                        "n_nonzero_gradients": n_nonzero,
+                        "n_intervention_inputs": n_intervention})
     finally:
         model.train(was_training)
     stats["cav_cached"] = len(cav_infos) - len(trained_keys)
@@ -357,17 +360,18 @@ SCORE_FIELDS = ("sign_count", "n_positive", "magnitude", "i_plus", "i_minus",
 
 def _scores(ctx: _LayerContext, class_index: int, class_name: str, filter_by_label: bool,
             cav_keys: list[str], get_cavs: Callable[[], dict], config: TCAVConfig
-            ) -> tuple[list[dict], list[dict], int, int]:
+            ) -> tuple[list[dict], list[dict], int, int, int]:
     """Scores of every CAV for one (layer, class), and the CAVs' info: from the cache (kind
     ``tcav``), or computed from the (cached) class-logit gradients and tail evaluations.
     Returns (scores per CAV, CAV info per CAV, number of class inputs, number of them whose
-    gradient is not zero)."""
+    gradient is not zero, number of inputs I+ / I- average over)."""
     cache, layer, split, stats = ctx.cache, ctx.layer, ctx.split, ctx.stats
     select = {"class": int(class_index), "filter_by_label": bool(filter_by_label)}
     grad_parts = {"what": "tcav-class-gradients", "activations": ctx.key(INPUTS),
                   "layer": layer, "extras": split.n_extras, **select}
     parts = {"gradients": cache.key("features", **grad_parts), "cavs": list(cav_keys),
              "step": float(config.step), "step_units": config.step_units,
+             "intervention_inputs": config.intervention_inputs,
              "fields": list(SCORE_FIELDS), "cav_fields": list(CAV_FIELDS)}
     state: dict = {}
 
@@ -391,6 +395,21 @@ def _scores(ctx: _LayerContext, class_index: int, class_name: str, filter_by_lab
                                           ctx.device, ctx.batch_size, ctx.workers)
         return state["acts"]
 
+    def intervention_rows() -> np.ndarray:
+        """The rows I+ / I- average over: every input ("all") or the class's ("class")."""
+        return np.arange(len(ctx.acts(INPUTS))) if config.intervention_inputs == "all" \
+            else rows()
+
+    def intervention_inputs_on_device():
+        if np.array_equal(intervention_rows(), rows()):
+            return inputs_on_device()
+        if "all_acts" not in state:
+            state["all_acts"] = _class_inputs(split, ctx.model, layer, ctx.datasets[INPUTS],
+                                              ctx.acts(INPUTS), intervention_rows(),
+                                              ctx.preprocessing, ctx.device, ctx.batch_size,
+                                              ctx.workers)
+        return state["all_acts"]
+
     def grads_compute():
         a, extras = inputs_on_device()
         g = logit_gradients(split.tail, a, extras, class_index, ctx.batch_size)
@@ -409,7 +428,7 @@ def _scores(ctx: _LayerContext, class_index: int, class_name: str, filter_by_lab
         n_nonzero = int((grads.abs().amax(dim=1) > 0).sum()) if grads.numel() else 0
         cavs = get_cavs()
         by_key = {c.key: c for c in cavs.values()}
-        a, extras = inputs_on_device()
+        a, extras = intervention_inputs_on_device()
         base = class_log_probs(split.tail, a, extras, class_index, ctx.batch_size)
         out = np.zeros((len(cav_keys), len(SCORE_FIELDS)), np.float64)
         info = np.zeros((len(cav_keys), len(CAV_FIELDS)), np.float64)
@@ -429,7 +448,9 @@ def _scores(ctx: _LayerContext, class_index: int, class_name: str, filter_by_lab
                 {"description": "TCAV scores of each CAV for one class and layer",
                  "fields": list(SCORE_FIELDS), "cav_fields": list(CAV_FIELDS), "layer": layer,
                  "class": int(class_index), "n_class_inputs": int(len(rows())),
-                 "n_nonzero_gradients": n_nonzero},
+                 "n_nonzero_gradients": n_nonzero,
+                 "intervention_inputs": config.intervention_inputs,
+                 "n_intervention_inputs": int(len(intervention_rows()))},
                 {"scores": {"description": "per CAV: " + ", ".join(SCORE_FIELDS),
                             "shape": f"CAVs x {len(SCORE_FIELDS)}",
                             "units": "fractions; counts; logit per unit"},
@@ -446,4 +467,4 @@ def _scores(ctx: _LayerContext, class_index: int, class_name: str, filter_by_lab
     infos = [{f: float(v) if CAV_TYPES[f] is float else CAV_TYPES[f](round(v))
               for f, v in zip(CAV_FIELDS, row)} for row in info]
     return (scores, infos, int(entry.attrs["n_class_inputs"]),
-            int(entry.attrs["n_nonzero_gradients"]))
+            int(entry.attrs["n_nonzero_gradients"]), int(entry.attrs["n_intervention_inputs"]))

@@ -11,8 +11,11 @@ Sensitivity and scores (per CAV, over the class-c inputs X_c)
     magnitude   = sum_x |S(x)| 1{S(x) > 0} / sum_x |S(x)|  (captum's ``magnitude``: the share of
                 the total sensitivity mass that is positive, in [0, 1]; 0 when every S is 0).
                 The mean of S is also reported, as ``sensitivity_mean``.
-    I+          = mean_x 1{p_c(tail(a + eps v)) > p_c(tail(a))}   (seed 000)
-    I-          = mean_x 1{p_c(tail(a - eps v)) < p_c(tail(a))}
+    I+          = mean_{x in D} 1{p_c(tail(a + eps v)) > p_c(tail(a))}   (seed 000)
+    I-          = mean_{x in D} 1{p_c(tail(a - eps v)) < p_c(tail(a))}
+                D: seed 000 averages over the whole test set, every class's images
+                (``intervention_inputs="all"``, the default); ``"class"`` restricts D to X_c
+                like the sign count (the behaviour before the option).
                 p_c = softmax of the logits, compared as float64 log-probabilities (strict: an
                 unchanged probability counts for neither). ``step_units="absolute"``: eps =
                 ``step`` (default 1.0: seed 000 adds the unit CAV itself); ``"norm"``: eps =

@@ -1,16 +1,25 @@
-"""Significance of TCAV scores (Kim et al. 2018): the score test, the CAV test and the
-Bonferroni correction, per (concept, class, layer).
+"""Significance of TCAV scores (Kim et al. 2018): the paper's t-test, the calibrated score and
+CAV tests, and the Bonferroni correction, per (concept, class, layer).
 
 Statistics (per concept, class and layer)
     Runs. N = ``random_runs``; random sets random_0 .. random_N. Run k (1..N) trains every
     concept against random_k, and a baseline CAV of random_{k-1} (a pseudo-concept) against
     random_k. Each CAV is trained on its own random two thirds of its positive images (the
     held-out split; with ``concept_subsample`` f < 1, two thirds of a random f-share). The
-    baseline gives the random reference of the chart (``random_score_mean`` / ``_std``); the
-    tests below do not need it.
+    baseline gives the random reference of the chart (``random_score_mean`` / ``_std``) and the
+    reference sample of the paper's t-test; the calibrated tests do not need it.
 
-    Why not the references' test. tcav runs a two-sample t-test of the concept's N sign counts
-    against N random-vs-random ones (random_0 against random_1 .. random_N). But the N concept
+    The paper's t-test (``p_ttest``; :func:`kim_ttest`). Kim et al. 2018, sec. 3.2: a
+    two-sided two-sample t-test (``scipy.stats.ttest_ind``, equal variances, as tcav's code)
+    of the concept's N TCAV scores (the sign counts of its CAVs against random_1 .. random_N)
+    against the N random-vs-random scores (the baseline CAVs, random_(k-1) against random_k).
+    H0: the concept's scores come from the same distribution as random directions' scores.
+    ``p_ttest_bonferroni`` = min(1, m p_ttest), m = the number of rows (concepts x classes x
+    layers), the correction the paper adds.
+
+    Why calibrated tests beside the paper's. tcav runs that two-sample t-test of the concept's
+    N sign counts against N random-vs-random ones (random_0 against random_1 .. random_N; here
+    the chained pairs above). But the N concept
     runs reuse the same concept images and the N baseline runs reuse random_0: each group
     carries one "which images were picked" error that averaging over runs does not reduce,
     while the t-test divides the runs' variance by N -- so it is optimistic, and more so the
@@ -54,9 +63,12 @@ Statistics (per concept, class and layer)
     depend on each other and, unlike one run's p-value, does not hang on one lucky or unlucky
     split.
 
-    Decision. Both p-values are multiplied by the number of rows (concepts x classes x layers,
-    capped at 1) unless ``bonferroni`` is off; ``significant`` when both are below ``alpha``
-    (0.05). Requiring both is an intersection-union test (Berger 1982, Technometrics 24(4)):
+    Decision (``significance``). ``"ttest"`` (default, the paper's): ``significant`` when
+    ``p_ttest_bonferroni`` (``p_ttest`` with ``bonferroni`` off) is below ``alpha`` (0.05) --
+    read it with the caveat above: the runs share their images, so this test is optimistic.
+    ``"calibrated"``: both calibrated p-values (``p_value``, ``cav_p_value``, multiplied by the
+    number of rows, capped at 1, unless ``bonferroni`` is off) must be below ``alpha``.
+    Requiring both is an intersection-union test (Berger 1982, Technometrics 24(4)):
     "the concept is absent from the layer, or present without effect on the class" is
     rejected at level alpha, with no correction for using two tests. ``score_std`` etc. are
     population standard deviations over the runs (np.std, as tcav reports them).
@@ -79,10 +91,13 @@ Statistics (per concept, class and layer)
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
+
+from scipy import stats as scipy_stats
 
 from cnnexplain.metrics.stats import (
     TTest,
@@ -98,20 +113,41 @@ if TYPE_CHECKING:
     from cnnexplain.config.tcav import TCAVConfig
 
 TABLE_COLUMNS = ["concept", "class", "class_index", "layer", "score_mean", "score_std",
-                 "magnitude", "i_plus", "i_minus", "cav_accuracy", "p_value", "cav_p_value",
-                 "significant", "n_runs", "random_score_mean", "random_score_std", "null_score",
-                 "t_statistic", "df", "p_value_uncorrected", "cav_p_value_uncorrected",
-                 "train_share", "magnitude_std", "i_plus_std",
+                 "magnitude", "i_plus", "i_minus", "intervention_inputs", "cav_accuracy",
+                 "p_ttest", "p_ttest_bonferroni", "p_value", "cav_p_value", "significant",
+                 "significance", "n_runs", "random_score_mean", "random_score_std",
+                 "null_score", "ttest_statistic", "t_statistic", "df", "p_value_uncorrected",
+                 "cav_p_value_uncorrected", "train_share", "magnitude_std", "i_plus_std",
                  "i_minus_std", "cav_accuracy_std", "sensitivity_mean", "n_class_inputs",
-                 "n_tests", "bonferroni"]
+                 "n_intervention_inputs", "n_tests", "bonferroni"]
+
+
+def kim_ttest(concept_scores: Sequence[float], random_scores: Sequence[float]) -> TTest:
+    """The TCAV paper's significance test (Kim et al. 2018, sec. 3.2; tcav's ``get_p_val``): a
+    two-sided two-sample Student t-test with equal variances (``scipy.stats.ttest_ind``) of
+    the concept's TCAV scores [N] (its CAVs against random_1 .. random_N) against the
+    random-vs-random TCAV scores [M]. Returns ``TTest(t, p, df = N + M - 2)``: t > 0 when the
+    concept's mean is higher; p = 1 where t is undefined (both samples constant and equal, or
+    fewer than 2 values in all), 0 where both are constant and differ."""
+    a = np.asarray(concept_scores, dtype=np.float64).reshape(-1)
+    b = np.asarray(random_scores, dtype=np.float64).reshape(-1)
+    df = float(len(a) + len(b) - 2)
+    if len(a) < 1 or len(b) < 1 or df < 1:
+        return TTest(float("nan"), 1.0, df)
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # scipy's "nearly identical" notice
+        res = scipy_stats.ttest_ind(a, b)
+    t, p = float(res.statistic), float(res.pvalue)
+    return TTest(t, 1.0 if np.isnan(p) else min(1.0, p), df)
 
 
 def summarize(runs: pd.DataFrame, concepts: Sequence[str], targets: Sequence[tuple[int, str]],
               layers: Sequence[str], config: TCAVConfig) -> pd.DataFrame:
     """One row per (concept, class, layer) from the per-CAV rows of :func:`run_tcav`: means and
-    population stds over the runs, the two tests of the module docstring, both
-    Bonferroni-corrected over all rows (unless ``config.bonferroni`` is False), and
-    ``significant`` = both corrected p-values below ``config.alpha``.
+    population stds over the runs, the paper's t-test (``p_ttest``, and ``p_ttest_bonferroni``
+    always corrected over all rows) and the two calibrated tests of the module docstring
+    (corrected unless ``config.bonferroni`` is False), and ``significant`` as
+    ``config.significance`` decides (module docstring, "Decision").
 
     ``runs`` needs the columns of :data:`RUN_COLUMNS`. The score test uses the concept's
     ``n_positive`` per run (on the probit scale, :func:`~cnnexplain.metrics.stats.
@@ -136,7 +172,9 @@ def summarize(runs: pd.DataFrame, concepts: Sequence[str], targets: Sequence[tup
                 cav_ps = [fisher_exact_greater(*(int(r[f"cav_test_{k}"])
                                                  for k in ("tp", "fn", "tn", "fp")))
                           for _, r in c.iterrows()]
+                paper = kim_ttest(c["sign_count"].to_numpy(), base["sign_count"].to_numpy())
                 rows.append({
+                    "p_ttest": paper.pvalue, "ttest_statistic": paper.statistic,
                     "concept": concept, "class": class_name, "class_index": int(class_index),
                     "layer": layer,
                     "score_mean": float(c["sign_count"].mean()),
@@ -158,14 +196,22 @@ def summarize(runs: pd.DataFrame, concepts: Sequence[str], targets: Sequence[tup
                     "cav_accuracy_std": float(c["cav_accuracy"].std(ddof=0)),
                     "sensitivity_mean": float(c["sensitivity_mean"].mean()),
                     "n_class_inputs": n_inputs,
+                    "n_intervention_inputs": int(c["n_intervention_inputs"].iloc[0]),
                 })
     table = pd.DataFrame(rows)
     n_tests = len(table)
     for col in ("p_value", "cav_p_value"):
         p = table[f"{col}_uncorrected"].to_numpy(dtype=np.float64)
         table[col] = bonferroni(p, n_tests) if config.bonferroni else p
+    table["p_ttest_bonferroni"] = bonferroni(table["p_ttest"].to_numpy(np.float64), n_tests)
     alpha = float(config.alpha)
-    table["significant"] = (table["p_value"] < alpha) & (table["cav_p_value"] < alpha)
+    if config.significance == "ttest":
+        p = table["p_ttest_bonferroni" if config.bonferroni else "p_ttest"]
+        table["significant"] = p < alpha
+    else:
+        table["significant"] = (table["p_value"] < alpha) & (table["cav_p_value"] < alpha)
+    table["significance"] = config.significance
+    table["intervention_inputs"] = config.intervention_inputs
     table["n_tests"] = n_tests
     table["bonferroni"] = bool(config.bonferroni)
     return table[TABLE_COLUMNS]
