@@ -196,6 +196,13 @@ ERRORS = [
                                      "gradient"], 2, ("at least 63",)),
     ("bad-ig-method", lambda t: ["--ig-method", "simpson"], 2, ("ig-method",)),
     ("bad-metric", lambda t: ["--evaluate", "--metrics", "pointing,fun"], 2, ("metrics",)),
+    ("subset-too-large", lambda t: ["--evaluate", "--metrics", "faithfulness-correlation",
+                                    "--faithfulness-subset", "5000"], 2,
+     ("faithfulness-subset", "at most 1023")),
+    ("patch-too-large", lambda t: ["--evaluate", "--metrics", "infidelity",
+                                   "--infidelity-patch", "40"], 2, ("infidelity-patch", "32x32")),
+    ("bad-deletion-baseline", lambda t: ["--evaluate", "--deletion-baseline", "noise"], 2,
+     ("deletion-baseline",)),
 ]
 
 

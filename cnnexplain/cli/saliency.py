@@ -21,10 +21,15 @@ Example: cnnexplain saliency --checkpoint runs/std/best.pt --methods gradcam,lrp
 
 Inputs (one of): --dataset SPEC [--split --limit] (default: the checkpoint's data, else
 synthetic), --images FILES_OR_DIR, --inputs FILE.npy (already preprocessed). --evaluate scores
-every method on ground-truth boxes and masks (pointing game, energy, max-point ablation,
-deletion / insertion, localization, occlusion rank correlation, sanity check,
-discriminativeness). Writes OUT/saliency/maps.h5, overlays/, grid.png, evaluation.csv and
-sanity.csv; maps are cached. --list-methods lists the methods with their citations."""
+every method (--metrics default|all|NAMES; --list-metrics lists them with their citations and
+Quantus equivalents): localization on ground-truth boxes and masks (pointing game, energy,
+localization, relevance mass / rank), faithfulness (deletion / insertion, ablation,
+faithfulness correlation, region perturbation, pixel flipping, symmetric relevance gain, ROAD,
+IROF, infidelity), robustness (sensitivity, local Lipschitz), complexity, random logit,
+completeness, sanity check, discriminativeness. Writes OUT/saliency/maps.h5, overlays/,
+grid.png, evaluation.csv (one column per metric), evaluation_curves.h5, metric_ranks.csv,
+metric_agreement.csv and sanity.csv; maps are cached. --list-methods lists the methods with
+their citations."""
 
 
 def _list_methods(values: dict) -> None:

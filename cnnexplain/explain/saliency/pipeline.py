@@ -93,6 +93,19 @@ def probe_layer(model, layer: str, example: torch.Tensor, methods: list[str], cl
     return tuple(out.shape[1:])
 
 
+def check_eval_sizes(options: EvalOptions, metrics: list[str], h: int, w: int) -> None:
+    """The evaluation's sizes fit the images (checked before anything is computed)."""
+    sizes = {"faithfulness-correlation": ("faithfulness_subset", h * w - 1, "pixels"),
+             "region-perturbation": ("region_patch", min(h, w), "px"),
+             "infidelity": ("infidelity_patch", min(h, w), "px")}
+    for metric, (name, most, unit) in sizes.items():
+        value = getattr(options, name)
+        if metric in metrics and value is not None and value > most:
+            raise UsageError(f"`{name}` is {value} but the {h}x{w} images allow at most "
+                             f"{most} {unit}", f"pass `{name}` of at most {most}, or leave it "
+                             "out for the default")
+
+
 @dataclass
 class Plan:
     """A validated ``saliency`` job."""
@@ -151,6 +164,8 @@ def plan(loaded, images: ImageSet, requested: list[str] | None, target: TargetSp
                          "masks and boxes), or leave out `evaluate=true`")
     target.check(int(loaded.num_classes), images.has_labels)
     h, w = images.size
+    if evaluate:
+        check_eval_sizes(eval_options, metrics or [], h, w)
     min_size = loaded.spec.min_size
     if min(h, w) < min_size:
         raise UsageError(f"{loaded.backbone} needs inputs of at least {min_size} px, these are "
