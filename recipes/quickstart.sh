@@ -39,13 +39,20 @@ for method in std picnn cdcnn-r1p2; do
   fi
   cx evaluate-entanglement --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --out "$run"
 done
+# TCAV one block before the last: the last feeds only the pooling and the linear head, where the
+# class logit's gradient is the same for every input and a TCAV score says nothing
+case "$backbone" in
+  resnet*) tcav_layer=layer3 ;;
+  smallcnn) tcav_layer=features.6 ;;
+  *) tcav_layer="" ;;
+esac
 for method in std picnn; do
   run="$out/$method"
   methods=$([ "$method" = std ] && echo gradient,integrated-gradients,gradcam,lrp-zplus,clrp2 \
             || echo gradient,gradcam,gated-cam,gated-cam-complement,lrp-zplus,clrp2)
   cx saliency --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --methods "$methods" --out "$run"
   cx dissect --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --broden "$out/broden" --out "$run"
-  cx tcav --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --concepts "$out/concepts" --concept red-c,stone --out "$run"
+  cx tcav --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --concepts "$out/concepts" --concept red-c,stone ${tcav_layer:+--layer "$tcav_layer"} --out "$run"
   cx visualize --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --out "$run"
 done
 cx report "$out/std" "$out/picnn" "$out/cdcnn-r1p2" --out "$out" --quiet

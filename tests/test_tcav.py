@@ -926,3 +926,24 @@ def test_report_says_which_test_decided_and_which_inputs_i_plus_used():
     note = _tcav_note(frame.assign(significance="calibrated", intervention_inputs="class"))
     assert "calibrated score test and CAV test" in note and "images only" in note
     assert _tcav_note(pd.DataFrame({"concept": ["x"]})) == ""  # an older table: no claim
+
+
+def test_a_layer_that_feeds_only_pooling_and_the_head_is_said_to_mean_nothing(sets_root, tmp_path):
+    """At SmallCNN's `features` (then global average pooling and a linear head) the class
+    logit's gradient is w_c / (h w) for every input, so every CAV scores 0 or 1 for all inputs
+    whatever the concept: the run says so; at an inner layer it does not."""
+    argv = ["tcav", "--backbone", "smallcnn", "--concepts", sets_root, "--dataset",
+            "synthetic:n=6,res=16,classes=star+circle", "--split", "train", "--target", "star",
+            "--random-runs", "2"]
+    env = {"CNNEXPLAIN_CACHE": str(tmp_path / "cache")}
+    flat = run_inproc(*argv, "--layer", "features", "--out", tmp_path / "a", env=env)
+    assert flat.code == 0, flat.err
+    assert "same for every input" in flat.err and "earlier --layer" in flat.err
+    runs = pd.read_csv(tmp_path / "a" / "tcav" / "runs.csv")
+    assert (runs["gradient_spread"] < 1e-5).all()
+    inner = run_inproc(*argv, "--layer", "features.6", "--out", tmp_path / "b", env=env)
+    assert inner.code == 0, inner.err
+    assert "same for every input" not in inner.err
+    assert (pd.read_csv(tmp_path / "b" / "tcav" / "runs.csv")["gradient_spread"] > 1e-3).all()
+    g = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    assert T.gradient_spread(g[:1].expand(5, 7)) == 0.0 and T.gradient_spread(g) > 0.1

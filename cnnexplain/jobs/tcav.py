@@ -98,6 +98,14 @@ def run(plan: Plan, session: Session):
                       config=plan.config, filter_by_label=o.data.class_images is None,
                       device=session.device, cache=session.cache, progress=session.progress,
                       batch_size=o.data.batch_size, workers=o.data.workers)
+    from cnnexplain.explain.tcav.run import INPUT_INDEPENDENT
+
+    flat = result.runs[result.runs["gradient_spread"] < INPUT_INDEPENDENT]
+    for layer in dict.fromkeys(flat["layer"]):
+        session.notice(f"at layer {layer} the class logit's gradient is the same for every "
+                       "input (the layer feeds only pooling and a linear head), so each CAV's "
+                       "TCAV score is 0 or 1 whatever the concept and says nothing about it; "
+                       "use an earlier `layer`")
     return result, sets
 
 

@@ -14,7 +14,14 @@ from cnnexplain.explain.tcav.concepts import (
                                          folder_concept_sets,
 )
 from cnnexplain.explain.tcav.plot import plot_tcav
-from cnnexplain.explain.tcav.run import RUN_COLUMNS, TCAVResult, check_layers, run_tcav
+from cnnexplain.explain.tcav.run import (
+    INPUT_INDEPENDENT,
+    RUN_COLUMNS,
+    TCAVResult,
+    check_layers,
+    gradient_spread,
+    run_tcav,
+)
 from cnnexplain.explain.tcav.scores import (
                                          directional_derivatives,
                                          interventional_scores,
@@ -24,7 +31,7 @@ from cnnexplain.explain.tcav.scores import (
 )
 from cnnexplain.explain.tcav.stats import TABLE_COLUMNS, kim_ttest, summarize
 
-__all__ = ["CAV", "CAVConfig", "ConceptSets", "RUN_COLUMNS", "SOLVERS", "TABLE_COLUMNS",
+__all__ = ["CAV", "CAVConfig", "ConceptSets", "INPUT_INDEPENDENT", "RUN_COLUMNS", "gradient_spread", "SOLVERS", "TABLE_COLUMNS",
            "TCAVConfig", "TCAVResult", "broden_concept_sets", "check_layers",
            "directional_derivatives", "folder_concept_sets", "interventional_scores", "kim_ttest",
            "logit_gradients", "magnitude", "plot_tcav", "run_tcav", "sign_count",

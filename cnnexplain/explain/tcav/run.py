@@ -72,7 +72,7 @@ RUN_COLUMNS = ["concept", "negative", "role", "run", "class", "class_index", "la
                "sign_count", "n_positive", "magnitude", "i_plus", "i_minus",
                "sensitivity_mean", "cav_accuracy", "cav_n_train", "cav_pool", "cav_test_tp",
                "cav_test_fn", "cav_test_tn", "cav_test_fp", "cav_key", "n_class_inputs",
-               "n_nonzero_gradients", "n_intervention_inputs"]
+               "n_nonzero_gradients", "n_intervention_inputs", "gradient_spread"]
 
 
 def cav_seed(seed: int, positive_key: str, negative_key: str) -> int:
@@ -212,7 +212,7 @@ def run_tcav(model: nn.Module, layers: Sequence[str], concepts: Mapping[str, Ima
                 return cavs
 
             for class_index, class_name in targets:
-                scores, infos, n_inputs, n_nonzero, n_intervention = _scores(
+                scores, infos, n_inputs, n_nonzero, n_intervention, spread = _scores(
                     ctx, int(class_index), class_name, filter_by_label,
                     [cav_keys[p] for p in order], get_cavs, config)
                 for pair, sc, info in zip(order, scores, infos):
@@ -228,7 +228,8 @@ def run_tcav(model: nn.Module, layers: Sequence[str], concepts: Mapping[str, Ima
                                                          "test_fn", "test_tn", "test_fp")},
                         "cav_key": key, "n_class_inputs": n_inputs,
                         "n_nonzero_gradients": n_nonzero,
-                        "n_intervention_inputs": n_intervention})
+                        "n_intervention_inputs": n_intervention,
+                        "gradient_spread": spread})
     finally:
         model.train(was_training)
     stats["cav_cached"] = len(cav_infos) - len(trained_keys)
@@ -372,7 +373,8 @@ def _scores(ctx: _LayerContext, class_index: int, class_name: str, filter_by_lab
     parts = {"gradients": cache.key("features", **grad_parts), "cavs": list(cav_keys),
              "step": float(config.step), "step_units": config.step_units,
              "intervention_inputs": config.intervention_inputs,
-             "fields": list(SCORE_FIELDS), "cav_fields": list(CAV_FIELDS)}
+             "fields": list(SCORE_FIELDS), "cav_fields": list(CAV_FIELDS),
+             "attrs": ["gradient_spread"]}
     state: dict = {}
 
     def rows() -> np.ndarray:
@@ -426,6 +428,7 @@ def _scores(ctx: _LayerContext, class_index: int, class_name: str, filter_by_lab
         stats["gradients_cached" if hit else "gradients_computed"] += 1
         grads = torch.from_numpy(np.asarray(entry["gradients"], dtype=np.float32))
         n_nonzero = int((grads.abs().amax(dim=1) > 0).sum()) if grads.numel() else 0
+        spread = gradient_spread(grads)
         cavs = get_cavs()
         by_key = {c.key: c for c in cavs.values()}
         a, extras = intervention_inputs_on_device()
@@ -448,7 +451,7 @@ def _scores(ctx: _LayerContext, class_index: int, class_name: str, filter_by_lab
                 {"description": "TCAV scores of each CAV for one class and layer",
                  "fields": list(SCORE_FIELDS), "cav_fields": list(CAV_FIELDS), "layer": layer,
                  "class": int(class_index), "n_class_inputs": int(len(rows())),
-                 "n_nonzero_gradients": n_nonzero,
+                 "n_nonzero_gradients": n_nonzero, "gradient_spread": spread,
                  "intervention_inputs": config.intervention_inputs,
                  "n_intervention_inputs": int(len(intervention_rows()))},
                 {"scores": {"description": "per CAV: " + ", ".join(SCORE_FIELDS),
@@ -467,4 +470,22 @@ def _scores(ctx: _LayerContext, class_index: int, class_name: str, filter_by_lab
     infos = [{f: float(v) if CAV_TYPES[f] is float else CAV_TYPES[f](round(v))
               for f, v in zip(CAV_FIELDS, row)} for row in info]
     return (scores, infos, int(entry.attrs["n_class_inputs"]),
-            int(entry.attrs["n_nonzero_gradients"]), int(entry.attrs["n_intervention_inputs"]))
+            int(entry.attrs["n_nonzero_gradients"]), int(entry.attrs["n_intervention_inputs"]),
+            float(entry.attrs.get("gradient_spread", float("nan"))))
+
+
+INPUT_INDEPENDENT = 1e-5
+"""Below this :func:`gradient_spread`, the class logit's gradient is the same for every input."""
+
+
+def gradient_spread(grads: torch.Tensor) -> float:
+    """``max_i ||g_i - g_0|| / max(||g_0||, tiny)`` over the class inputs' logit gradients
+    ``[N, D]``: 0 when the gradient does not depend on the input, as at a layer that feeds only
+    global average pooling and a linear head (d logit_c / d a = w_c / (h w) everywhere); then
+    every CAV's directional derivative has one sign for all inputs, and its TCAV score is 0 or
+    1 whatever the concept (Kim et al. 2018's score needs input-dependent gradients)."""
+    if grads.shape[0] < 2:
+        return float("nan")
+    g = grads.double()
+    ref = g[0]
+    return float((g - ref).norm(dim=1).max() / ref.norm().clamp_min(1e-30))
