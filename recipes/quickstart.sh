@@ -9,7 +9,8 @@
 # reads each run's last checkpoint (checkpoint.pt: what the run trained; best.pt is the epoch of
 # best validation ACC1, for a short fine-tuning often an earlier, less disentangled one).
 # Smaller numbers for CI: QUICKSTART_IMAGES, QUICKSTART_EPOCHS (std's), QUICKSTART_FINETUNE
-# (the gated runs' epochs from std's weights), QUICKSTART_BRODEN and QUICKSTART_BACKBONE (env
+# (the gated runs' epochs from std's weights), QUICKSTART_BRODEN, QUICKSTART_CONCEPT_IMAGES
+# (per TCAV concept and random folder), QUICKSTART_TCAV_RUNS and QUICKSTART_BACKBONE (env
 # vars; the test suite runs it with smallcnn).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -20,15 +21,18 @@ epochs=${QUICKSTART_EPOCHS:-10}
 finetune=${QUICKSTART_FINETUNE:-3}
 broden=${QUICKSTART_BRODEN:-240}
 backbone=${QUICKSTART_BACKBONE:-resnet18}
+concept_images=${QUICKSTART_CONCEPT_IMAGES:-150}
+tcav_runs=${QUICKSTART_TCAV_RUNS:-20}
 # concept folders come from the same world without the planted correlations, class-balanced,
-# so that random images carry red-c at its base rate (see the TCAV notes in README.md)
+# so that random images carry red-c at its base rate; red-c is the main object's colour, the
+# attribute the correlation plants (--concept-scope object; see the TCAV notes in README.md)
 neutral="synthetic"
 world="synthetic:n=$images,ntest=$((images / 4)),correlate=red-c@circle=0.9"
 cx() { echo "+ cnnexplain $*" >&2; cnnexplain "$@"; }
 
 mkdir -p "$out"
 [ -d "$out/broden" ] || cx data synth --format broden --world "$world" --num-images "$broden" --out "$out/broden" --quiet
-[ -d "$out/concepts" ] || cx data synth --format concepts --world "$neutral" --concepts red-c,stone --per-concept 40 --random-sets 6 --out "$out/concepts" --quiet
+[ -d "$out/concepts" ] || cx data synth --format concepts --world "$neutral" --concepts red-c,stone --concept-scope object --per-concept "$concept_images" --random-sets $((tcav_runs + 1)) --out "$out/concepts" --quiet
 for method in std picnn cdcnn-r1p2; do
   run="$out/$method"
   if [ "$method" = std ]; then
@@ -52,7 +56,7 @@ for method in std picnn; do
             || echo gradient,gradcam,gated-cam,gated-cam-complement,lrp-zplus,clrp2)
   cx saliency --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --methods "$methods" --out "$run"
   cx dissect --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --broden "$out/broden" --out "$run"
-  cx tcav --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --concepts "$out/concepts" --concept red-c,stone ${tcav_layer:+--layer "$tcav_layer"} --out "$run"
+  cx tcav --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --concepts "$out/concepts" --concept red-c,stone --random-runs "$tcav_runs" ${tcav_layer:+--layer "$tcav_layer"} --out "$run"
   cx visualize --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --out "$run"
 done
 cx report "$out/std" "$out/picnn" "$out/cdcnn-r1p2" --out "$out" --quiet

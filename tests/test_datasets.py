@@ -400,6 +400,19 @@ def test_export_concepts_balances_classes_like_the_random_folders(tmp_path):
     labels = [render(cfg, int(f.stem)).label for f in raw]
     assert labels.count(0) >= 8
     assert json.loads((tmp_path / "raw" / "synthetic.json").read_text())["balance_classes"] is False
+    # object scope: the colour / material is the main object's, never only a background's
+    export_concepts(cfg, tmp_path / "obj", ["red-c", "stone"], n_per_concept=6, n_random_sets=1,
+                    scope="object")
+    assert json.loads((tmp_path / "obj" / "synthetic.json").read_text())["scope"] == "object"
+    for name, attr in (("red-c", lambda o: f"{o.color}-c"), ("stone", lambda o: o.material)):
+        for f in concept_images(tmp_path / "obj", name).files:
+            assert attr(render(cfg, int(f.stem)).objects[0]) == name
+    background = next(s for s in (render(cfg, 3_000_000_000 + k) for k in range(400))
+                      if s.objects[0].color != "red"
+                      and concept_present(s, ONTOLOGY.number("red-c"), 0.005))
+    assert not concept_present(background, ONTOLOGY.number("red-c"), 0.005, scope="object")
+    with pytest.raises(UsageError, match="concept scope"):
+        export_concepts(cfg, tmp_path / "bad", ["red-c"], n_per_concept=2, scope="pixel")
     # a concept some class never carries cannot be balanced: one line naming the class, no folder
     with pytest.raises(CnnexplainError, match=r"star-tip.*class 'circle'.*`no_balance_classes=true`"):
         export_concepts(cfg, tmp_path / "never", ["star-tip"], n_per_concept=3, n_random_sets=1)

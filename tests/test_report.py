@@ -142,7 +142,8 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
     through the shell pipeline and the report shows every section with decodable pictures."""
     out = tmp_path / "qs"
     env = dict(os.environ, QUICKSTART_IMAGES="120", QUICKSTART_EPOCHS="1",
-               QUICKSTART_BRODEN="24", QUICKSTART_BACKBONE="smallcnn", QUICKSTART_FINETUNE="1",
+               QUICKSTART_BRODEN="24", QUICKSTART_CONCEPT_IMAGES="24", QUICKSTART_TCAV_RUNS="5",
+               QUICKSTART_BACKBONE="smallcnn", QUICKSTART_FINETUNE="1",
                CNNEXPLAIN_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     p = subprocess.run(["bash", str(ROOT / "recipes" / "quickstart.sh"), str(out)], env=env,
                        capture_output=True, text=True, timeout=1500)

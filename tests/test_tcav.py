@@ -240,6 +240,33 @@ def _svm_optimum(x, y, alpha):
     return svc.coef_[0] / norm, svc.intercept_[0] / norm
 
 
+def test_pattern_cav_is_the_mean_difference_of_the_training_rows():
+    """Pahde et al. 2022's pattern CAV: the unit mean difference of the rows trained on (the
+    same seeded split as the classifier's), the nearest-mean intercept, and it follows the
+    signal where a classifier's filter turns away from it: a distractor dimension that is
+    noise shared by both sets (correlated with the signal dimension) bends the filter, not the
+    pattern."""
+    pos, neg, direction = blobs(n=80, d=10)
+    config = T.CAVConfig(direction="pattern")
+    cav = T.train_cav(pos, neg, config, seed=3)
+    x, y, _, _ = _train_rows(pos, neg, 3, config)
+    diff = x[y > 0].mean(0) - x[y < 0].mean(0)
+    np.testing.assert_allclose(cav.vector, diff / np.linalg.norm(diff), atol=1e-6)
+    mid = (x[y > 0].mean(0) + x[y < 0].mean(0)) / 2
+    assert cav.intercept == pytest.approx(-float(diff @ mid) / np.linalg.norm(diff), abs=1e-6)
+    assert cav.accuracy > 0.85 and cav.converged and cav.iterations == 0
+    assert float(T.train_cav(neg, pos, config, seed=3).vector @ direction) < -0.8
+    # signal s on dim 0 plus a shared distractor d: dim 0 = s + d, dim 1 = d
+    rng = np.random.default_rng(0)
+    n = 2000
+    d = rng.normal(size=(2 * n,)) * 2.0
+    s_ = np.r_[np.ones(n), np.zeros(n)] + 0.3 * rng.normal(size=2 * n)
+    a = np.stack([s_ + d, d], 1).astype(np.float32)
+    pattern = T.train_cav(a[:n], a[n:], config, seed=0).vector
+    filt = T.train_cav(a[:n], a[n:], T.CAVConfig(loss="logistic"), seed=0).vector
+    assert abs(pattern[1]) < 0.2 < abs(filt[1])  # the filter cancels d; the pattern is s
+
+
 @pytest.mark.parametrize("subsample", [1.0, 0.5])
 def test_hinge_cav_is_the_exact_optimum_of_the_svm_objective(subsample):
     """sklearn as the oracle, on the rows train_cav should train on: with subsample 0.5 this
@@ -502,6 +529,16 @@ def test_summary_statistics_and_correction():
     off = off[off["concept"] == "strong"]
     assert off["p_value"].to_numpy() == pytest.approx([raw, raw], rel=1e-9)
     assert off["significant"].all()
+    # ttest-cav: the paper's t-test and the CAV test must both reject
+    both = T.summarize(runs, list(counts), [(0, "k")], ["l1", "l2"],
+                       T.TCAVConfig(random_runs=4, significance="ttest-cav"))
+    paper = both["p_ttest_bonferroni"] < 0.05
+    assert (both["significant"] == (paper & (both["cav_p_value"] < 0.05))).all()
+    b1 = both[both["layer"] == "l1"].set_index("concept")
+    assert b1.loc["weak", "p_ttest"] == b1.loc["strong", "p_ttest"]  # same scores ...
+    assert not b1.loc["weak", "significant"]  # ... but a CAV at chance
+    assert b1.loc["strong", "significant"] == bool(b1.loc["strong", "p_ttest_bonferroni"] < 0.05)
+    assert (both["significance"] == "ttest-cav").all()
     with pytest.raises(UsageError, match="`random_runs` must be at least 2"):
         T.TCAVConfig(random_runs=1).validate()
     with pytest.raises(UsageError, match="`concept_subsample` must be in"):

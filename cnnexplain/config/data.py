@@ -30,6 +30,11 @@ class SynthOptions:
     random_sets: int = option(5, low=1, help="concepts format: number of random_<i> folders.")
     min_coverage: float = option(0.005, low=0, high=1, help="concepts format: minimum image "
                                  "fraction a pixel concept must cover.")
+    concept_scope: str = option("image", choices=("image", "object"), help="concepts format: "
+                                "where a colour or material concept must be: image (anywhere, "
+                                "`min_coverage` of the pixels, backgrounds included) or object "
+                                "(the main object's colour or material: the attribute a "
+                                "correlate=CONCEPT@CLASS plants). Other concepts: image.")
     balance_classes: bool = option(True, negatable=True, help="concepts format: fill each "
                                    "concept folder with the random folders' class mix; "
                                    "`balance_classes=false` takes the first images carrying the "

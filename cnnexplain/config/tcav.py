@@ -15,16 +15,25 @@ from cnnexplain.errors import UsageError
 CONCEPTS = "Concepts"
 TCAV_PANEL = "TCAV"
 LOSSES = ("hinge", "logistic")
+DIRECTIONS = ("classifier", "pattern")
 STEP_UNITS = ("absolute", "norm")
 INTERVENTION_INPUTS = ("all", "class")
-SIGNIFICANCE = ("ttest", "calibrated")
+SIGNIFICANCE = ("ttest", "calibrated", "ttest-cav")
 
 
 @dataclass(frozen=True)
 class CAVConfig:
-    """Hyper-parameters of the CAV classifier. Defaults are tcav's: SGDClassifier(alpha=0.01,
-    max_iter=1000, tol=1e-3), hinge loss, 0.33 held out."""
+    """Hyper-parameters of the CAV. ``direction``: what the CAV is (see
+    :mod:`cnnexplain.explain.tcav.cav`); the classifier's defaults are tcav's:
+    SGDClassifier(alpha=0.01, max_iter=1000, tol=1e-3), hinge loss, 0.33 held out."""
 
+    direction: str = option("classifier", choices=DIRECTIONS, help="classifier (Kim et al. "
+                            "2018: the unit normal of a linear concept-vs-random classifier, "
+                            "trained with `cav_loss`) or pattern (Pahde et al. 2022: the "
+                            "difference of the two sets' mean activations, the signal itself "
+                            "rather than the classifier's filter; stable with few images at a "
+                            "wide layer, where a classifier's normal mostly fits noise).",
+                            panel=TCAV_PANEL)
     loss: str = option("hinge", choices=LOSSES, help="hinge (tcav's SGDClassifier default) or "
                        "logistic.", panel=TCAV_PANEL)
     alpha: float = option(0.01, low=0, low_open=True, help="L2 regularization alpha of the CAV "
@@ -67,7 +76,9 @@ class TCAVConfig:
     significance: str = option("ttest", choices=SIGNIFICANCE, help="Test that decides "
                                "the significant column: ttest (Kim et al. 2018: two-sided t-test of the "
                                "concept's scores against the random-vs-random scores) or "
-                               "calibrated (the score test and the CAV test must both reject). "
+                               "calibrated (the score test and the CAV test must both reject) "
+                               "or ttest-cav (the t-test and the CAV test must both reject: "
+                               "for `cav_direction` pattern). "
                                "Both p-values are reported either way.", panel=TCAV_PANEL)
     alpha: float = option(0.05, low=0, high=1, low_open=True, high_open=True, help="Significance "
                           "level of the deciding test (after the Bonferroni factor).",

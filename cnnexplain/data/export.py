@@ -132,10 +132,19 @@ def export_imagefolder(config: WorldConfig, out_dir: str | os.PathLike,
     return sizes
 
 
-def concept_present(sample, number: int, min_coverage: float) -> bool:
+OBJECT_ATTRIBUTES = {"color": lambda o: f"{o.color}-c", "material": lambda o: o.material}
+"""The concept categories an object has as one attribute, and its concept name there."""
+SCOPES = ("image", "object")
+
+
+def concept_present(sample, number: int, min_coverage: float, scope: str = "image") -> bool:
     """Whether a concept is present in a rendered sample: a whole-image label (scene, texture)
-    equals it, or it covers at least ``min_coverage`` of the image's pixels (any layer)."""
+    equals it, or it covers at least ``min_coverage`` of the image's pixels (any layer).
+    ``scope="object"``: a colour or material concept only when it is the main object's colour
+    or material (what a planted correlation sets), however much of the image it covers."""
     cat = ONTOLOGY.category_of(number)
+    if scope == "object" and cat in OBJECT_ATTRIBUTES:
+        return OBJECT_ATTRIBUTES[cat](sample.objects[0]) == ONTOLOGY.name(number)
     if cat in IMAGE_CATEGORIES:
         return number in sample.image_labels[cat]
     maps = sample.pixel[cat]
@@ -154,12 +163,16 @@ def export_concepts(config: WorldConfig, out_dir: str | os.PathLike, concepts: S
                     n_per_concept: int = 50, n_random_sets: int = 5,
                     n_random: int | None = None, min_coverage: float = 0.005,
                     balance_classes: bool = True, progress: Progress | None = None,
-                    overwrite: bool = False) -> dict:
+                    overwrite: bool = False, scope: str = "image") -> dict:
     """TCAV concept folders (../shared/reference/tcav.md).
 
     ``<concept>/`` holds ``n_per_concept`` world images in which the concept is present
     (:func:`concept_present`; pixel concepts must cover ``min_coverage`` of the image, default
     0.5%: a star's tips cover 0.6-1.9%), searched in world order from index 3e9 on.
+    ``scope="object"``: a colour or material concept must be the main object's (see
+    :func:`concept_present`) -- the concept a ``correlate=red-c@circle`` plants; with
+    "image", red backgrounds count as red-c too, and a folder of them differs from random
+    images far less (CAV held-out accuracy 0.61 against 0.73 on the quickstart's ResNet-18).
     ``random_<i>/`` (i = 0 .. n_random_sets - 1) holds ``n_random`` (default
     ``n_per_concept``) consecutive world images from 4e9 + i * n_random on, disjoint between
     sets and, since the class of world index k is ``classes[k % len(classes)]``, balanced over
@@ -181,6 +194,8 @@ def export_concepts(config: WorldConfig, out_dir: str | os.PathLike, concepts: S
     :class:`CnnexplainError` naming it, and nothing is written. Returns the number of images
     per folder; ``synthetic.json`` also records the class counts of every folder.
     """
+    if scope not in SCOPES:
+        raise UsageError(f"unknown concept scope {scope!r}", "pass `scope` image or object")
     if not concepts:
         raise UsageError("no concepts to export", "pass e.g. `concepts=striped,red-c,star-tip`")
     if n_per_concept < 1 or n_random_sets < 0:
@@ -223,7 +238,7 @@ def export_concepts(config: WorldConfig, out_dir: str | os.PathLike, concepts: S
             s = render(config, CONCEPT_OFFSET + k)
             for c in wanted:
                 checked[c][s.label] += 1
-                if concept_present(s, numbers[c], min_coverage):
+                if concept_present(s, numbers[c], min_coverage, scope):
                     found[c].append(k)
                     per_class[c][s.label] += 1
                     write_bytes(tmp / c / f"{CONCEPT_OFFSET + k}.png", png_bytes(s.image))
@@ -265,6 +280,7 @@ def export_concepts(config: WorldConfig, out_dir: str | os.PathLike, concepts: S
             counts[f"random_{r}"] = n_random
             class_counts[f"random_{r}"] = dict(zip(config.classes, mix))
         write_manifest(tmp, "concepts", config, folders=counts, min_coverage=min_coverage,
+                       scope=scope,
                        balance_classes=bool(balance_classes), class_counts=class_counts)
     return counts
 

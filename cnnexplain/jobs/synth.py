@@ -34,7 +34,7 @@ def plan(options: SynthOptions, session: Session) -> Plan:
     if o.fmt == "concepts":
         extra = {"concepts": o.concept_names(), "n_per_concept": o.per_concept,
                  "n_random_sets": o.random_sets, "min_coverage": o.min_coverage,
-                 "balance_classes": o.balance_classes}
+                 "balance_classes": o.balance_classes, "scope": o.concept_scope}
     return Plan(o, world, extra)
 
 

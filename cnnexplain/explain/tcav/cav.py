@@ -32,6 +32,19 @@ CAV
     SGDClassifier leaves it unpenalized).
     The CAV is v = w / ||w||: unit norm, pointing TOWARD the concept (w . a + b > 0 means
     "concept"; tcav labels the concept 0 and flips sklearn's coefficient to the same effect).
+Pattern CAV (``direction="pattern"``; Pahde et al. 2022, "Navigating Neural Space: Revisiting
+    Concept Activation Vectors to Mitigate the Influence of Distractors", after Haufe et al.
+    2014's filters and patterns)
+    v = (mu_+ - mu_-) / ||mu_+ - mu_-||, the means of the training rows of each side (with
+    balanced sides, the covariance of the activations with the concept label, Pahde et al.'s
+    pattern, up to its scale); b = -v . (mu_+ + mu_-) / 2 (the nearest-mean classifier the
+    held-out accuracy scores). A classifier's normal is a *filter*: at a layer of D >> n
+    dimensions it turns to whatever separates the few training images, distractors included,
+    and its directional derivatives need not follow the concept; the pattern is the signal that
+    distinguishes the sets. On the quickstart's ResNet-18 (layer3, D = 16,384), for a colour the
+    model uses for its class, 20 runs: the classifier's CAV scored 0.70 +- 0.39 (not
+    significant) on the picnn model, the pattern 0.99 +- 0.02 (README, "TCAV").
+
     Held out: every image of the two sets the classifier was not trained on (the split's
     share and the images left out by subsampling or truncation) and, in :func:`run_tcav`, every
     image of the run's other random sets (random images it never saw: more held-out
@@ -216,7 +229,23 @@ def _fit_logistic(x: torch.Tensor, y: torch.Tensor, alpha: float, max_iter: int,
     return w.detach(), float(b.detach()), iters, gmax <= tol * max(gmax0, 1e-12)
 
 
+def _fit_pattern(x: torch.Tensor, y: torch.Tensor, alpha: float = 0.0, max_iter: int = 0,
+                 tol: float = 0.0) -> tuple[torch.Tensor, float, int, bool]:
+    """Pattern CAV (module docstring): x [n, D], y [n] in {-1, +1} -> (w = mu_+ - mu_- [D],
+    b = -w . (mu_+ + mu_-) / 2, 0 iterations, converged). The classifier's hyper-parameters
+    are accepted and unused."""
+    mu_p, mu_n = x[y > 0].mean(0), x[y < 0].mean(0)
+    w = mu_p - mu_n
+    return w, -0.5 * float(torch.dot(w, mu_p + mu_n)), 0, True
+
+
 SOLVERS: dict[str, Callable] = {"hinge": _fit_hinge, "logistic": _fit_logistic}
+"""The classifier's solvers, by ``CAVConfig.loss``."""
+
+
+def cav_solver(config: CAVConfig) -> Callable:
+    """The fit of ``config``: the pattern, or the classifier solver of its loss."""
+    return _fit_pattern if config.direction == "pattern" else SOLVERS[config.loss]
 
 
 def subsample_size(n: int, subsample: float) -> int:
@@ -242,7 +271,8 @@ def train_cav(positive, negative, config: CAVConfig = CAVConfig(), seed: int = 0
       it); 1: the first m = min(n_p, n_n) rows (tcav's equal-size truncation). The negatives
       are the first m rows;
     - a stratified held-out split of the m rows of each side (:func:`stratified_split`);
-    - the ``config.loss`` solver on the training rows on ``device``; v = w / ||w|| toward the
+    - the ``config.direction`` fit (the pattern, or the ``config.loss`` classifier) on the
+      training rows on ``device``; v = w / ||w|| toward the
       concept;
     - held-out: every row of either set not trained on (the split's share, and the rows left
       out by subsampling or truncation) and every row of ``extra_negatives`` (arrays [n_i,
@@ -291,7 +321,7 @@ def train_cav(positive, negative, config: CAVConfig = CAVConfig(), seed: int = 0
     x_train = torch.cat([rows(pos, train_p), rows(neg, tr_n)])
     y_train = torch.cat([torch.ones(len(train_p), dtype=dtype, device=device),
                          -torch.ones(len(tr_n), dtype=dtype, device=device)])
-    w, b, iters, converged = SOLVERS[config.loss](x_train, y_train, float(config.alpha),
+    w, b, iters, converged = cav_solver(config)(x_train, y_train, float(config.alpha),
                                                   int(config.max_iter), float(config.tol))
     norm = float(torch.linalg.vector_norm(w))
     if not math.isfinite(norm) or norm <= 0.0:

@@ -70,7 +70,14 @@ Statistics (per concept, class and layer)
     number of rows, capped at 1, unless ``bonferroni`` is off) must be below ``alpha``.
     Requiring both is an intersection-union test (Berger 1982, Technometrics 24(4)):
     "the concept is absent from the layer, or present without effect on the class" is
-    rejected at level alpha, with no correction for using two tests. ``score_std`` etc. are
+    rejected at level alpha, with no correction for using two tests. ``"ttest-cav"``: the
+    paper's t-test and the CAV test must both reject (the same intersection-union logic with
+    the paper's score test): the test for pattern CAVs (``CAVConfig.direction``), whose
+    sign counts are about 0 or 1 for any direction with a consistent offset, so that the
+    t-test alone also rejects for a concept the layer cannot tell from random images (on the
+    quickstart's ResNet-18 at layer3, 100 images a side, 20 runs: an object material the
+    model ignores scored 0.21 +- 0.26 against random directions' 0.45 +- 0.45, p_ttest 0.02,
+    its CAV's held-out accuracy 0.50). ``score_std`` etc. are
     population standard deviations over the runs (np.std, as tcav reports them).
 
     What the score test still assumes: the concept images are a random sample of the concept
@@ -120,6 +127,23 @@ TABLE_COLUMNS = ["concept", "class", "class_index", "layer", "score_mean", "scor
                  "cav_p_value_uncorrected", "train_share", "magnitude_std", "i_plus_std",
                  "i_minus_std", "cav_accuracy_std", "sensitivity_mean", "n_class_inputs",
                  "n_intervention_inputs", "n_tests", "bonferroni"]
+
+
+def _paper(table: pd.DataFrame, alpha: float, corrected: bool) -> pd.Series:
+    return table["p_ttest_bonferroni" if corrected else "p_ttest"] < alpha
+
+
+def _calibrated(table: pd.DataFrame, alpha: float, corrected: bool) -> pd.Series:
+    return (table["p_value"] < alpha) & (table["cav_p_value"] < alpha)
+
+
+def _paper_and_cav(table: pd.DataFrame, alpha: float, corrected: bool) -> pd.Series:
+    return _paper(table, alpha, corrected) & (table["cav_p_value"] < alpha)
+
+
+DECISIONS = {"ttest": _paper, "calibrated": _calibrated, "ttest-cav": _paper_and_cav}
+"""How each ``significance`` decides the ``significant`` column from the corrected p-values
+(module docstring, "Decision"): table, alpha, whether Bonferroni applies -> bool per row."""
 
 
 def kim_ttest(concept_scores: Sequence[float], random_scores: Sequence[float]) -> TTest:
@@ -205,11 +229,7 @@ def summarize(runs: pd.DataFrame, concepts: Sequence[str], targets: Sequence[tup
         table[col] = bonferroni(p, n_tests) if config.bonferroni else p
     table["p_ttest_bonferroni"] = bonferroni(table["p_ttest"].to_numpy(np.float64), n_tests)
     alpha = float(config.alpha)
-    if config.significance == "ttest":
-        p = table["p_ttest_bonferroni" if config.bonferroni else "p_ttest"]
-        table["significant"] = p < alpha
-    else:
-        table["significant"] = (table["p_value"] < alpha) & (table["cav_p_value"] < alpha)
+    table["significant"] = DECISIONS[config.significance](table, alpha, bool(config.bonferroni))
     table["significance"] = config.significance
     table["intervention_inputs"] = config.intervention_inputs
     table["n_tests"] = n_tests
