@@ -10,7 +10,8 @@ scikit-learn's SGDClassifier (what tensorflow/tcav trains) on the same activatio
    optimum of alpha/2 |w|^2 + mean hinge, alpha 0.01) versus SGDClassifier(alpha=0.01,
    max_iter=1000, tol=1e-3); wall time per CAV, their speed ratio, and the cosine between the
    two unit CAVs. scikit-learn's LinearSVC solved to 1e-10 with the same objective is the
-   exact reference both are compared to.
+   exact reference both are compared to. Each solver fits once untimed first (one-off start-up
+   costs). Target: ours at least as fast as SGDClassifier, at cosine 1 to the optimum.
 
 Timings are reported, never asserted (the machine's cores may be shared).
 """
@@ -77,6 +78,12 @@ def _solver_comparison(model, sets, layer: str, cache: Cache) -> list[tuple]:
                                    preprocessing=PREP, cache=cache).array(layer)
 
     negatives = [acts(ds) for _, ds in sets.randoms[1:]]
+    # one untimed fit of each first: the first call of either pays one-off costs (LAPACK and
+    # thread-pool start-up for torch, imports for scikit-learn) that a run of many CAVs does not
+    first = acts(next(iter(sets.concepts.values())))
+    x0, y0 = _train_rows(first, negatives[0], 999)
+    T.train_cav(first, negatives[0], T.CAVConfig(), seed=999)
+    SGDClassifier(alpha=0.01, max_iter=1000, tol=1e-3, random_state=0).fit(x0, y0)
     ours_s, sgd_s, cos_sgd, cos_ours_ref, cos_sgd_ref, dims = [], [], [], [], [], None
     for concept, ds in sets.concepts.items():
         pos = acts(ds)
@@ -105,7 +112,8 @@ def _solver_comparison(model, sets, layer: str, cache: Cache) -> list[tuple]:
          float(np.mean(ours_s)), "s/CAV", None),
         ("CAV training, sklearn SGDClassifier(alpha=0.01, max_iter=1000, tol=1e-3)",
          float(np.mean(sgd_s)), "s/CAV", None),
-        ("speed: SGDClassifier time / ours", ratio, "x", ratio),
+        ("speed: SGDClassifier time / ours (target >= 1, at cosine 1 to the exact optimum)",
+         ratio, "x", ratio),
         ("cosine(ours, SGDClassifier), mean", float(np.mean(cos_sgd)), "cos", None),
         ("cosine(ours, SGDClassifier), min", float(np.min(cos_sgd)), "cos", None),
         ("cosine(ours, exact LinearSVC optimum), min", float(np.min(cos_ours_ref)), "cos", None),

@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-QUICKSTART = {"epochs": "10", "finetune": "3",
+QUICKSTART = {"epochs": "15", "finetune": "3",
               "world": "synthetic:n=2000,ntest=500,correlate=red-c@circle=0.9"}
 """The quickstart's training size (recipes/quickstart.sh): std for ``epochs``, the gated rows
 for ``finetune`` epochs from std's trained network of the same seed (``--weights``)."""

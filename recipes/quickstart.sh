@@ -11,23 +11,26 @@
 # Smaller numbers for CI: QUICKSTART_IMAGES, QUICKSTART_EPOCHS (std's), QUICKSTART_FINETUNE
 # (the gated runs' epochs from std's weights), QUICKSTART_BRODEN, QUICKSTART_CONCEPT_IMAGES
 # (per TCAV concept and random folder), QUICKSTART_TCAV_RUNS and QUICKSTART_BACKBONE (env
-# vars; the test suite runs it with smallcnn).
+# vars; the test suite runs it with smallcnn). Another world and training run:
+# QUICKSTART_WORLD_SEED (the world's seed, default 0) and QUICKSTART_SEED (train-gated's seed).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 recipe="$here/quickstart.yaml"
 out=${1:-runs/quickstart}
 images=${QUICKSTART_IMAGES:-2000}
-epochs=${QUICKSTART_EPOCHS:-10}
+epochs=${QUICKSTART_EPOCHS:-15}
 finetune=${QUICKSTART_FINETUNE:-3}
 broden=${QUICKSTART_BRODEN:-240}
 backbone=${QUICKSTART_BACKBONE:-resnet18}
 concept_images=${QUICKSTART_CONCEPT_IMAGES:-150}
 tcav_runs=${QUICKSTART_TCAV_RUNS:-20}
+world_seed=${QUICKSTART_WORLD_SEED:-0}
+train_seed=${QUICKSTART_SEED:-}
 # concept folders come from the same world without the planted correlations, class-balanced,
 # so that random images carry red-c at its base rate; red-c is the main object's colour, the
 # attribute the correlation plants (--concept-scope object; see the TCAV notes in README.md)
-neutral="synthetic"
-world="synthetic:n=$images,ntest=$((images / 4)),correlate=red-c@circle=0.9"
+neutral="synthetic:seed=$world_seed"
+world="synthetic:n=$images,ntest=$((images / 4)),seed=$world_seed,correlate=red-c@circle=0.9"
 cx() { echo "+ cnnexplain $*" >&2; cnnexplain "$@"; }
 
 mkdir -p "$out"
@@ -36,10 +39,10 @@ mkdir -p "$out"
 for method in std picnn cdcnn-r1p2; do
   run="$out/$method"
   if [ "$method" = std ]; then
-    cx train-gated --recipe "$recipe" --dataset "$world" --method std --backbone "$backbone" --epochs "$epochs" --out "$run"
+    cx train-gated --recipe "$recipe" --dataset "$world" --method std --backbone "$backbone" --epochs "$epochs" ${train_seed:+--seed "$train_seed"} --out "$run"
   else
     # the gated methods start from the trained std network (the default preset then has no warm-up)
-    cx train-gated --recipe "$recipe" --dataset "$world" --method "$method" --backbone "$backbone" --weights "$out/std/checkpoint.pt" --epochs "$finetune" --out "$run"
+    cx train-gated --recipe "$recipe" --dataset "$world" --method "$method" --backbone "$backbone" --weights "$out/std/checkpoint.pt" --epochs "$finetune" ${train_seed:+--seed "$train_seed"} --out "$run"
   fi
   cx evaluate-entanglement --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --out "$run"
 done

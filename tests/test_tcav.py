@@ -328,6 +328,42 @@ def test_cav_split_is_stratified_seeded_and_truncated():
         T.train_cav(pos[:2], neg, subsample=0.5)
 
 
+def test_held_out_rows_are_decided_as_in_float64_without_a_float64_copy():
+    """Held-out float32 rows are scored in float32; rows within the product's worst-case
+    rounding error of the boundary are rescored in float64, so every decision is float64's:
+    here rows planted at |score| ~ 1e-9 (far inside float32's error) and rows far from it."""
+    rng = np.random.default_rng(3)
+    d = 4096
+    w = torch.from_numpy(rng.normal(size=d))
+    b = 0.25
+    far = rng.normal(size=(200, d)).astype(np.float32)
+    near = rng.normal(size=(200, d))
+    wn = w.numpy()
+    # project each near row onto the hyperplane w . x + b = 0, then nudge it by +-1e-9
+    near = near - ((near @ wn + b) / (wn @ wn))[:, None] * wn[None, :]
+    near = near + (rng.choice([-1.0, 1.0], size=200) * 1e-9 / np.linalg.norm(wn))[:, None] * wn
+    near = near.astype(np.float32)  # float32 rows: their float64 scores are what counts
+    x = np.concatenate([far, near])
+    want = (x.astype(np.float64) @ wn + b) > 0
+    got = T.cav._says_concept(x, w, b)
+    np.testing.assert_array_equal(got, want)
+    # the float32 product alone gets some near rows wrong: the fallback is what decides them
+    fast = (x @ wn.astype(np.float32)).astype(np.float64) + b > 0
+    assert (fast != want).any()
+    # a tensor input gives the same; a NaN or inf row is an error, not a decision
+    np.testing.assert_array_equal(T.cav._says_concept(torch.from_numpy(x), w, b), want)
+    for bad in (np.nan, np.inf):
+        broken = x.copy()
+        broken[5, 7] = bad
+        with pytest.raises(CnnexplainError, match="NaN or inf"):
+            T.cav._says_concept(broken, w, b)
+    pos, neg, _ = blobs(n=20)
+    pos = pos.copy()
+    pos[0, 0] = np.nan
+    with pytest.raises(CnnexplainError, match="NaN or inf"):
+        T.train_cav(pos, neg, seed=0)
+
+
 def test_subsampled_cav_held_out_table():
     """A subsampled CAV draws another share of the positives for each seed; its held-out table
     covers every image it was not trained on, and its accuracy is the balanced one."""

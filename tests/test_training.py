@@ -260,6 +260,11 @@ def test_data_order_depends_only_on_seed_and_epoch_and_ranks_partition_the_batch
     assert _lr_factor("stable-decay", 0, 101) == _lr_factor("stable-decay", 80, 101) == 1.0
     assert 0.001 < _lr_factor("stable-decay", 90, 101) < 1.0
     assert abs(_lr_factor("stable-decay", 100, 101) - 0.001) < 1e-12
+    # decay_share: the annealed share; half of it gives the cosine's midpoint at 3/4 of the run
+    assert _lr_factor("stable-decay", 50, 101, decay_share=0.5) == 1.0
+    assert _lr_factor("stable-decay", 75, 101, decay_share=0.5) == pytest.approx(0.5005)
+    assert _lr_factor("stable-decay", 90, 101, decay_share=0.2) == pytest.approx(0.5005)
+    assert abs(_lr_factor("stable-decay", 100, 101, decay_share=0.5) - 0.001) < 1e-12
 
 
 def test_validation_errors_before_anything_is_written(tmp_path):

@@ -149,9 +149,12 @@ class TrainConfig:
     weight_decay: float = option(1e-4, low=0, help="L2 weight decay of the network.",
                                  panel=TRAINING)
     schedule: str = option("stable-decay", choices=SCHEDULES, help="stable-decay (constant, "
-                           "then a cosine to 0.001 x lr over the last fifth of the steps), "
-                           "cosine (over all steps) or constant; applies to `lr` and "
+                           "then a cosine to 0.001 x lr over the last `decay_share` of the "
+                           "steps), cosine (over all steps) or constant; applies to `lr` and "
                            "`gate_lr`.", panel=TRAINING)
+    decay_share: float = option(0.2, low=0, high=1, low_open=True, help="stable-decay: the "
+                                "share of the steps, at the end, over which the learning rate "
+                                "anneals.", panel=TRAINING)
     grad_clip: float | None = option(None, low=0, low_open=True, help="Clip the global gradient "
                                      "norm to this value.", panel=TRAINING, show_default=False,
                                      example=5)

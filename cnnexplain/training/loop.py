@@ -153,20 +153,16 @@ def wrong_mask_loss(logits: torch.Tensor) -> torch.Tensor:
     return (-logp.mean(dim=1) - math.log(logits.shape[1])).mean()
 
 
-DECAY_SHARE = 0.2
-"""Share of the steps over which the ``stable-decay`` schedule anneals."""
-
-
-def _lr_factor(schedule: str, step: int, total: int) -> float:
+def _lr_factor(schedule: str, step: int, total: int, decay_share: float = 0.2) -> float:
     """The learning-rate factor of ``step`` of ``total`` (a pure function of the step):
     ``cosine`` from 1 to 0.001; ``stable-decay`` 1, then the same cosine over the last
-    :data:`DECAY_SHARE` of the steps (Hägele et al. 2024's warmup-stable-decay without warmup);
+    ``decay_share`` of the steps (Hägele et al. 2024's warmup-stable-decay without warmup);
     ``constant`` 1."""
     if schedule == "constant" or total <= 1:
         return 1.0
     t = min(max(step / (total - 1), 0.0), 1.0)
     if schedule == "stable-decay":
-        t = max(0.0, (t - (1.0 - DECAY_SHARE)) / DECAY_SHARE)
+        t = max(0.0, (t - (1.0 - decay_share)) / decay_share)
     return 0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * t))
 
 
@@ -461,7 +457,7 @@ class Trainer:
         autocast = torch.autocast("cuda", dtype=torch.float16, enabled=bool(c.amp))
         for step, (x, y) in enumerate(self._loader(epoch)):
             gstep = epoch * steps + step
-            factor = _lr_factor(c.schedule, gstep, total)
+            factor = _lr_factor(c.schedule, gstep, total, c.decay_share)
             for g in self._opt.param_groups:
                 g["lr"] = c.lr * factor
             if self._gate_opt is not None:
@@ -549,8 +545,10 @@ class Trainer:
         if not has_gate:
             absent += ["loss_gated", "train_gated_acc", "pseudo_match", "gated_follows_mask"]
         return {**avg, **dict.fromkeys(absent, float("nan")),
-                "lr": c.lr * _lr_factor(c.schedule, (epoch + 1) * steps - 1, total),
-                "gate_lr": c.gate_lr * _lr_factor(c.schedule, (epoch + 1) * steps - 1, total)
+                "lr": c.lr * _lr_factor(c.schedule, (epoch + 1) * steps - 1, total,
+                                        c.decay_share),
+                "gate_lr": c.gate_lr * _lr_factor(c.schedule, (epoch + 1) * steps - 1, total,
+                                                  c.decay_share)
                 if has_gate else float("nan")}
 
     def _check_finite(self, terms, epoch: int, step: int) -> None:

@@ -259,6 +259,50 @@ def subsample_size(n: int, subsample: float) -> int:
     return int(min(n - 1, max(2, round(float(subsample) * n))))
 
 
+def _flat_rows(x):
+    """Activations [n, ...] as [n, D] without a copy: a tensor stays a tensor, anything else
+    becomes a NumPy array (whose rows NumPy gathers faster than torch for a few dozen)."""
+    if not isinstance(x, torch.Tensor):
+        x = np.asarray(x)
+    return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
+
+
+def _take(x, rows: np.ndarray) -> torch.Tensor:
+    """Rows ``rows`` of ``x`` [n, D] (array or tensor) as a tensor."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if isinstance(x, torch.Tensor):
+        return x[torch.from_numpy(rows).to(x.device)]
+    return torch.from_numpy(np.ascontiguousarray(x[rows]))
+
+
+def _not_finite() -> CnnexplainError:
+    return CnnexplainError("the layer's activations hold NaN or inf values, so no CAV can be "
+                           "trained", "check the model and its preprocessing (`mean`/`std`)")
+
+
+def _says_concept(x: torch.Tensor, w: torch.Tensor, b: float) -> np.ndarray:
+    """bool [n]: ``x [n, D] . w + b > 0``, decided as in w's (solver) dtype, without copying x
+    to it: the scores are computed in x's dtype where it is narrower, and the rows whose score
+    lies within the worst-case rounding error of that product (Higham 2002, thm 3.5:
+    |error| <= (D + 2) u ||x|| ||w||, u the unit roundoff, doubled for the norms' own rounding)
+    of the boundary, or is not finite, are recomputed in w's dtype. CnnexplainError when a row
+    holds NaN or inf (its score is then not finite: 0 * inf is NaN)."""
+    x = (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))).to(w.device)
+    if not x.dtype.is_floating_point or torch.finfo(x.dtype).eps <= torch.finfo(w.dtype).eps:
+        s = x.to(w.dtype) @ w + b
+    else:
+        s = (x @ w.to(x.dtype)).to(w.dtype) + b
+        u = torch.finfo(x.dtype).eps / 2
+        bound = 2.0 * (x.shape[1] + 2) * u * float(torch.linalg.vector_norm(w)) * \
+            torch.linalg.vector_norm(x, dim=1).to(w.dtype)
+        unsure = ~torch.isfinite(s) | ~torch.isfinite(bound) | (s.abs() <= bound)
+        if bool(unsure.any()):
+            s[unsure] = x[unsure].to(w.dtype) @ w + b
+    if not bool(torch.isfinite(s).all()):
+        raise _not_finite()
+    return (s > 0).cpu().numpy()
+
+
 def train_cav(positive, negative, config: CAVConfig = CAVConfig(), seed: int = 0,
               device: torch.device | str = "cpu", subsample: float = 1.0,
               extra_negatives: Sequence = ()) -> CAV:
@@ -285,12 +329,7 @@ def train_cav(positive, negative, config: CAVConfig = CAVConfig(), seed: int = 0
                          "pass e.g. `concept_subsample` 0.5")
     device = torch.device(device)
     dtype = _solver_dtype(device)
-    pos = torch.as_tensor(np.asarray(positive) if not isinstance(positive, torch.Tensor)
-                          else positive)
-    neg = torch.as_tensor(np.asarray(negative) if not isinstance(negative, torch.Tensor)
-                          else negative)
-    pos = pos.reshape(pos.shape[0], -1)
-    neg = neg.reshape(neg.shape[0], -1)
+    pos, neg = _flat_rows(positive), _flat_rows(negative)
     if pos.shape[1] != neg.shape[1]:
         raise ValueError(f"activation widths differ: {pos.shape[1]} vs {neg.shape[1]}")
     n_p, n_n = int(pos.shape[0]), int(neg.shape[0])
@@ -309,16 +348,11 @@ def train_cav(positive, negative, config: CAVConfig = CAVConfig(), seed: int = 0
     train_p = rows_p[tr_p]
     test_p = np.setdiff1d(np.arange(n_p), train_p)
     test_n = np.setdiff1d(np.arange(n_n), tr_n)
-    pos = pos.to(device=device, dtype=dtype)
-    neg = neg.to(device=device, dtype=dtype)
-    if not (torch.isfinite(pos).all() and torch.isfinite(neg).all()):
-        raise CnnexplainError("the layer's activations hold NaN or inf values, so no CAV can be "
-                              "trained", "check the model and its preprocessing (`mean`/`std`)")
-
-    def rows(x, r):
-        return x[torch.from_numpy(r).to(device)]
-
-    x_train = torch.cat([rows(pos, train_p), rows(neg, tr_n)])
+    # only the training rows are copied to the solver's dtype; held-out rows are classified
+    # where they lie (:func:`_says_concept`)
+    x_train = torch.cat([_take(pos, train_p), _take(neg, tr_n)]).to(device=device, dtype=dtype)
+    if not math.isfinite(float(x_train.sum())):  # a NaN or inf anywhere makes the sum so
+        raise _not_finite()
     y_train = torch.cat([torch.ones(len(train_p), dtype=dtype, device=device),
                          -torch.ones(len(tr_n), dtype=dtype, device=device)])
     w, b, iters, converged = cav_solver(config)(x_train, y_train, float(config.alpha),
@@ -330,24 +364,23 @@ def train_cav(positive, negative, config: CAVConfig = CAVConfig(), seed: int = 0
                               "use other concept images or another `layer`")
 
     def says_concept(x) -> np.ndarray:
-        return (x @ w + b > 0).cpu().numpy()
+        return _says_concept(x, w, b)
 
-    tp = int(says_concept(rows(pos, test_p)).sum())
-    fp = int(says_concept(rows(neg, test_n)).sum())
+    tp = int(says_concept(_take(pos, test_p)).sum())
+    fp = int(says_concept(_take(neg, test_n)).sum())
     n_neg_test = len(test_n)
     for extra in extra_negatives:
-        x = torch.as_tensor(np.asarray(extra) if not isinstance(extra, torch.Tensor) else extra)
+        x = _flat_rows(extra)
         if x.shape[0] == 0:
             continue
-        x = x.reshape(x.shape[0], -1)
         if x.shape[1] != pos.shape[1]:
             raise ValueError(f"activation widths differ: {x.shape[1]} vs {pos.shape[1]}")
-        fp += int(says_concept(x.to(device=device, dtype=dtype)).sum())
+        fp += int(says_concept(x).sum())
         n_neg_test += int(x.shape[0])
     fn, tn = len(test_p) - tp, n_neg_test - fp
     rates = [tp / len(test_p)] if len(test_p) else []
     rates += [tn / n_neg_test] if n_neg_test else []
-    train_pred = says_concept(x_train)
+    train_pred = (x_train @ w + b > 0).cpu().numpy()
     return CAV(vector=(w / norm).float().cpu().numpy(), intercept=b / norm,
                accuracy=float(np.mean(rates)),
                train_accuracy=float((train_pred == (y_train > 0).cpu().numpy()).mean()),
