@@ -280,8 +280,8 @@ def _not_finite() -> CnnexplainError:
                            "trained", "check the model and its preprocessing (`mean`/`std`)")
 
 
-def _says_concept(x: torch.Tensor, w: torch.Tensor, b: float) -> np.ndarray:
-    """bool [n]: ``x [n, D] . w + b > 0``, decided as in w's (solver) dtype, without copying x
+def _says_concept(x, w: torch.Tensor, b: float) -> np.ndarray:
+    """bool [n]: ``x [n, D] . w + b > 0`` (x an array or tensor), decided as in w's (solver) dtype, without copying x
     to it: the scores are computed in x's dtype where it is narrower, and the rows whose score
     lies within the worst-case rounding error of that product (Higham 2002, thm 3.5:
     |error| <= (D + 2) u ||x|| ||w||, u the unit roundoff, doubled for the norms' own rounding)
@@ -363,11 +363,8 @@ def train_cav(positive, negative, config: CAVConfig = CAVConfig(), seed: int = 0
                               "images give indistinguishable activations at this layer)",
                               "use other concept images or another `layer`")
 
-    def says_concept(x) -> np.ndarray:
-        return _says_concept(x, w, b)
-
-    tp = int(says_concept(_take(pos, test_p)).sum())
-    fp = int(says_concept(_take(neg, test_n)).sum())
+    tp = int(_says_concept(_take(pos, test_p), w, b).sum())
+    fp = int(_says_concept(_take(neg, test_n), w, b).sum())
     n_neg_test = len(test_n)
     for extra in extra_negatives:
         x = _flat_rows(extra)
@@ -375,7 +372,7 @@ def train_cav(positive, negative, config: CAVConfig = CAVConfig(), seed: int = 0
             continue
         if x.shape[1] != pos.shape[1]:
             raise ValueError(f"activation widths differ: {x.shape[1]} vs {pos.shape[1]}")
-        fp += int(says_concept(x).sum())
+        fp += int(_says_concept(x, w, b).sum())
         n_neg_test += int(x.shape[0])
     fn, tn = len(test_p) - tp, n_neg_test - fp
     rates = [tp / len(test_p)] if len(test_p) else []
