@@ -29,11 +29,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     **{m: (m, {}) for m in METHODS},
     "picnn preset=paper": ("picnn", {"preset": "paper"}),
     "cdcnn-r1p2 preset=paper": ("cdcnn-r1p2", {"preset": "paper"}),
+    "std amp": ("std", {"amp": True}),
 }
 """Row name -> (method, extra TrainConfig fields): every method with train-gated's default preset
 (the wrong-mask and complement terms: two more runs of the layers after the gate per step), and
-two with the seeds' losses (``preset=paper``). The warm-up is off (``gate_warmup=0``) so that
-every timed epoch is gated."""
+two with the seeds' losses (``preset=paper``), and std with ``amp`` (float16 on CUDA, bfloat16
+autocast with channels_last on a CPU that runs it natively; the others train in float32 on CPU).
+The warm-up is off (``gate_warmup=0``) so that every timed epoch is gated."""
 
 SIZES = {"small": {"n": 64, "reps": 1}, "full": {"n": 1024, "reps": 3}}
 BACKBONE = "resnet18"
@@ -59,8 +61,8 @@ def _trainer(name: str, n: int, device: str, out: Path):
     train = open_dataset(spec, "train", prep)
     val = open_dataset(spec, "val", prep)
     method, extra = VARIANTS[name]
-    cfg = TrainConfig(backbone=BACKBONE, method=method, epochs=100, batch_size=64,
-                      amp=device.startswith("cuda"), gate_warmup=0, **extra)
+    fields = {"amp": device.startswith("cuda"), "gate_warmup": 0, **extra}
+    cfg = TrainConfig(backbone=BACKBONE, method=method, epochs=100, batch_size=64, **fields)
     return Trainer.prepare(cfg, train, val, class_names=train.class_names, preprocessing=prep,
                            device=device, out=out / f"run{list(VARIANTS).index(name)}",
                            overwrite=True)

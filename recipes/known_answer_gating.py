@@ -28,10 +28,11 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-QUICKSTART = {"epochs": "15", "finetune": "3",
+QUICKSTART = {"epochs": "15", "finetune": "4", "amp": True,
               "world": "synthetic:n=2000,ntest=500,correlate=red-c@circle=0.9"}
 """The quickstart's training size (recipes/quickstart.sh): std for ``epochs``, the gated rows
-for ``finetune`` epochs from std's trained network of the same seed (``--weights``)."""
+for ``finetune`` epochs from std's trained network of the same seed (``--weights``), with
+``amp`` as the quickstart's recipe (bfloat16 autocast on a CPU that runs it)."""
 RUNS = {"std": ["--method", "std"],
         "picnn": ["--method", "picnn"],
         "cdcnn-r1p2": ["--method", "cdcnn-r1p2"],
@@ -75,6 +76,8 @@ def run_one(out: Path, options: list[str], seed: int, a) -> dict:
         elif a.size == "quickstart":
             size = ["--epochs", QUICKSTART["finetune"], "--weights",
                     str(out.parent / "std" / "checkpoint.pt")]
+        if a.size == "quickstart" and QUICKSTART["amp"]:
+            size.append("--amp")
         cli("train-gated", "--backbone", "resnet18", *options, *data, *size, "--seed", str(seed),
             "--device", a.device, "--out", str(out), "--quiet", "--overwrite")
     cli("evaluate-entanglement", "--checkpoint", str(out / "checkpoint.pt"), "--split", split,

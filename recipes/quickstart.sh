@@ -19,7 +19,7 @@ recipe="$here/quickstart.yaml"
 out=${1:-runs/quickstart}
 images=${QUICKSTART_IMAGES:-2000}
 epochs=${QUICKSTART_EPOCHS:-15}
-finetune=${QUICKSTART_FINETUNE:-3}
+finetune=${QUICKSTART_FINETUNE:-4}
 broden=${QUICKSTART_BRODEN:-240}
 backbone=${QUICKSTART_BACKBONE:-resnet18}
 concept_images=${QUICKSTART_CONCEPT_IMAGES:-150}
@@ -46,10 +46,12 @@ for method in std picnn cdcnn-r1p2; do
   fi
   cx evaluate-entanglement --recipe "$recipe" --checkpoint "$run/checkpoint.pt" --out "$run"
 done
-# TCAV one block before the last: the last feeds only the pooling and the linear head, where the
-# class logit's gradient is the same for every input and a TCAV score says nothing
+# TCAV at a middle layer: the last block feeds only the pooling and the linear head, where the
+# class logit's gradient is the same for every input and a TCAV score says nothing; at layer3 the
+# planted red-c was significant on 2 of 4 trained models (all four use red: recolouring their red
+# circles drops circle accuracy to 0.77-0.92), at layer2 on all four (README, "TCAV")
 case "$backbone" in
-  resnet*) tcav_layer=layer3 ;;
+  resnet*) tcav_layer=layer2 ;;
   smallcnn) tcav_layer=features.6 ;;
   *) tcav_layer="" ;;
 esac

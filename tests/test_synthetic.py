@@ -149,6 +149,30 @@ def test_render_is_pure_and_index_independent():
     )
 
 
+def test_main_color_repaints_only_the_main_object():
+    """``render(..., main_color=c)`` is the counterfactual of the same scene: the main object's
+    pixels get colour c (same shading), every other pixel and label map is unchanged."""
+    cfg = WorldConfig(num_images=24, resolution=32, seed=3, second_object=0.6,
+                      correlations=(("red-c", "circle", 0.9),))
+    changed = 0
+    for i in range(24):
+        s = render(cfg, i)
+        for other in ("blue", "yellow"):
+            t = render(cfg, i, main_color=other)
+            main = s.objects[0].mask
+            assert np.array_equal(t.image[~main], s.image[~main])
+            assert np.array_equal(t.objects[0].mask, main)
+            assert t.objects[0].color == other and t.label == s.label
+            assert (t.color[main] == ONTOLOGY.number(f"{other}-c")).all()
+            assert np.array_equal(t.color[~main], s.color[~main])
+            assert np.array_equal(t.object, s.object) and np.array_equal(t.part, s.part)
+            assert [o.color for o in t.objects[1:]] == [o.color for o in s.objects[1:]]
+            changed += int(s.objects[0].color != other and not np.array_equal(t.image, s.image))
+    assert changed >= 24  # a repaint in a new colour changes the image
+    with pytest.raises(UsageError, match="unknown object colour"):
+        render(cfg, 0, main_color="mauve")
+
+
 def test_classes_balanced_and_splits_disjoint():
     cfg = WorldConfig(num_images=12, resolution=32, num_val=6)
     labels = [SyntheticDataset(cfg)[i]["label"].item() for i in range(12)]

@@ -18,7 +18,9 @@ import torch
 
 from clihelp import assert_one_line_error, run_cli, snapshot
 from cnnexplain.models.checkpoint import load_checkpoint
-from cnnexplain.training.loop import LOG_COLUMNS
+from cnnexplain.training import loop
+from cnnexplain.training.loop import (LOG_COLUMNS, autocast_dtype, cpu_runs_bfloat16,
+                                      training_autocast)
 
 WORLD = "synthetic:n=64,nval=16,ntest=16,res=32"
 BASE = ["train-gated", "--backbone", "smallcnn", "--dataset", WORLD, "--batch-size", "16",
@@ -104,11 +106,35 @@ def test_nan_is_one_line_and_exit_1(tmp_path):
     assert not (out / "checkpoint.pt").exists()
 
 
-def test_amp_on_cpu_is_a_notice(tmp_path):
-    r = run_cli("train-gated", "--backbone", "smallcnn", "--dataset", WORLD, "--batch-size", "16",
-                "--device", "cpu", "--epochs", "1", "--amp", "--out", tmp_path / "a", "--no-cache")
+@pytest.mark.skipif(not cpu_runs_bfloat16(), reason="this CPU has no native bfloat16")
+def test_amp_on_a_bfloat16_cpu_trains_in_bfloat16_and_records_it(tmp_path):
+    r = run_cli(*BASE, "--method", "picnn", "--epochs", "2", "--amp", "--out", tmp_path / "a",
+                "--no-cache")
     assert r.code == 0, r.err
-    assert "--amp needs CUDA" in r.err
+    assert "--amp needs" not in r.err
+    ck = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    training = ck.meta["training"]
+    assert training["amp"] is True and training["channels_last"] is True
+    assert all(torch.isfinite(v).all() for v in ck.state_dict.values() if v.is_floating_point())
+    log = pd.read_csv(tmp_path / "a" / "train_log.csv")
+    assert log["loss"].notna().all() and len(log) == 2
+    assert ck.train_state["scaler"] == {}  # bfloat16 needs no loss scaling
+
+
+def test_amp_steps_run_convolutions_in_bfloat16_on_cpu_and_not_without_it(monkeypatch):
+    conv = torch.nn.Conv2d(3, 4, 3)
+    x = torch.randn(1, 3, 8, 8)
+    with training_autocast(torch.device("cpu"), False):
+        assert conv(x).dtype == torch.float32
+    monkeypatch.setattr(loop, "cpu_runs_bfloat16", lambda: True)
+    assert autocast_dtype(torch.device("cpu")) == torch.bfloat16
+    with training_autocast(torch.device("cpu"), True):
+        assert conv(x).dtype == torch.bfloat16
+    monkeypatch.setattr(loop, "cpu_runs_bfloat16", lambda: False)
+    assert autocast_dtype(torch.device("cpu")) is None
+    with training_autocast(torch.device("cpu"), True):
+        assert conv(x).dtype == torch.float32
+    assert autocast_dtype(torch.device("cuda")) == torch.float16
 
 
 def _checkpoint_tensors(path: Path) -> dict:

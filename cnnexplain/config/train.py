@@ -158,10 +158,12 @@ class TrainConfig:
     grad_clip: float | None = option(None, low=0, low_open=True, help="Clip the global gradient "
                                      "norm to this value.", panel=TRAINING, show_default=False,
                                      example=5)
-    amp: bool = option(False, help="Mixed precision (float16 autocast + loss scaling) on CUDA; "
-                       "ignored with a notice on CPU.", panel=TRAINING)
+    amp: bool = option(False, help="Mixed precision: float16 autocast with loss scaling on "
+                       "CUDA, bfloat16 autocast on a CPU that supports it (ignored with a "
+                       "notice elsewhere); validation and every explanation stay in float32 "
+                       "on CPU.", panel=TRAINING)
     channels_last: bool = option(True, negatable=True, help="channels_last memory format on "
-                                 "CUDA.", panel=TRAINING)
+                                 "CUDA, and on CPU with `amp`.", panel=TRAINING)
     seed: int = option(0, cli=False, help="The run's seed (from `seed`).")
     sync_bn: bool = option(True, cli=False, help="BatchNorm over the global batch under "
                            "torchrun.")

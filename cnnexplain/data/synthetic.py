@@ -772,8 +772,13 @@ def _marker_box(rng: np.random.Generator, res: int, owner: np.ndarray):
     return boxes[(free or order)[0]]
 
 
-def render(config: WorldConfig, index: int) -> Sample:
+def render(config: WorldConfig, index: int, main_color: str | None = None) -> Sample:
     """Render world image ``index`` (any int >= 0): a pure function of ``(config, index)``.
+
+    ``main_color``: paint the main object in this colour (an ``OBJECT_COLORS`` name) instead
+    of the drawn one; every random draw and every other pixel stay the same, so the image is
+    the counterfactual of the same scene (``recipes/recolour_control.py`` uses it to measure
+    whether a model relies on a planted colour).
 
     Random numbers come from ``np.random.default_rng([config.seed, index])`` in a fixed order:
     one draw per planted correlation, scene, texture, colours, material, whether a second object
@@ -805,6 +810,9 @@ def render(config: WorldConfig, index: int) -> Sample:
     palette = [c for c in SCENES[scene].palette if c != fixed_color]
     base, pattern_color = (palette[int(i)] for i in rng.permutation(len(palette))[:2])
     color = fixed_color or _choice(rng, OBJECT_COLORS, {base, pattern_color} | avoid["color"])
+    if main_color is not None and main_color not in OBJECT_COLORS:
+        raise UsageError(f"unknown object colour {main_color!r}",
+                         f"choose one of: {', '.join(OBJECT_COLORS)}")
     material = forced.get("material") or _choice(rng, MATERIALS, avoid["material"])
     has_second = config.second_object > 0 and rng.random() < config.second_object
     main_place, _ = _place(rng, res, MAIN_RADIUS_BESIDE_SECOND if has_second else MAIN_RADIUS)
@@ -837,6 +845,9 @@ def render(config: WorldConfig, index: int) -> Sample:
     if second is not None:
         k2, c2, m2, place2, _ = second
         _draw(canvas, rng, SHAPES[config.classes[k2]], c2, m2, place2, owner=2)
+    # the drawn colour stays in every draw that depends on it (the second object's); only the
+    # paint changes
+    color = main_color or color
     _draw(canvas, rng, SHAPES[klass], color, material, main_place, owner=1)
 
     hans_box = None
