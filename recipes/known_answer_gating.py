@@ -28,11 +28,11 @@ from pathlib import Path
 import pandas as pd
 
 HERE = Path(__file__).resolve().parent
-QUICKSTART = {"epochs": "15", "finetune": "4", "amp": True,
+QUICKSTART = {"recipe": str(HERE / "quickstart.yaml"), "finetune": "4",
               "world": "synthetic:n=2000,ntest=500,correlate=red-c@circle=0.9"}
-"""The quickstart's training size (recipes/quickstart.sh): std for ``epochs``, the gated rows
-for ``finetune`` epochs from std's trained network of the same seed (``--weights``), with
-``amp`` as the quickstart's recipe (bfloat16 autocast on a CPU that runs it)."""
+"""The quickstart's training (recipes/quickstart.sh): train-gated with the quickstart's recipe
+(std's epochs, ``amp``), the gated rows for ``finetune`` epochs from std's trained network of
+the same seed (``--weights``)."""
 RUNS = {"std": ["--method", "std"],
         "picnn": ["--method", "picnn"],
         "cdcnn-r1p2": ["--method", "cdcnn-r1p2"],
@@ -71,13 +71,11 @@ def run_one(out: Path, options: list[str], seed: int, a) -> dict:
         shutil.rmtree(out)
     if not (out / "checkpoint.pt").exists():
         size = []
-        if a.size == "quickstart" and out.name == "std":
-            size = ["--epochs", QUICKSTART["epochs"]]
-        elif a.size == "quickstart":
-            size = ["--epochs", QUICKSTART["finetune"], "--weights",
-                    str(out.parent / "std" / "checkpoint.pt")]
-        if a.size == "quickstart" and QUICKSTART["amp"]:
-            size.append("--amp")
+        if a.size == "quickstart":
+            size = ["--recipe", QUICKSTART["recipe"]]
+            if out.name != "std":
+                size += ["--epochs", QUICKSTART["finetune"], "--weights",
+                         str(out.parent / "std" / "checkpoint.pt")]
         cli("train-gated", "--backbone", "resnet18", *options, *data, *size, "--seed", str(seed),
             "--device", a.device, "--out", str(out), "--quiet", "--overwrite")
     cli("evaluate-entanglement", "--checkpoint", str(out / "checkpoint.pt"), "--split", split,

@@ -48,8 +48,9 @@ for method in std picnn cdcnn-r1p2; do
 done
 # TCAV at a middle layer: the last block feeds only the pooling and the linear head, where the
 # class logit's gradient is the same for every input and a TCAV score says nothing; at layer3 the
-# planted red-c was significant on 2 of 4 trained models (all four use red: recolouring their red
-# circles drops circle accuracy to 0.77-0.92), at layer2 on all four (README, "TCAV")
+# planted red-c was significant on 2 of 4 trained models (all four use red: repainting their red
+# circles, recipes/recolour_control.py, drops circle accuracy to 0.85-1.00 and the circle logit
+# by 0.4-2.2), at layer2 on all four (README, "TCAV")
 case "$backbone" in
   resnet*) tcav_layer=layer2 ;;
   smallcnn) tcav_layer=features.6 ;;

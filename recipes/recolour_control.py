@@ -41,8 +41,7 @@ def _inputs(images: list[np.ndarray], prep) -> torch.Tensor:
 @torch.no_grad()
 def _predict(model, x: torch.Tensor, klass: int, batch: int = 128) -> tuple[np.ndarray, ...]:
     """(predicted class [N], probability of ``klass`` [N], logit of ``klass`` [N])."""
-    outs = [model(x[i:i + batch]) for i in range(0, len(x), batch)]
-    logits = torch.cat(outs) if outs else torch.zeros(0, 1)
+    logits = torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
     return (logits.argmax(1).numpy(), logits.softmax(1)[:, klass].numpy(),
             logits[:, klass].numpy())
 

@@ -281,8 +281,8 @@ def _not_finite() -> CnnexplainError:
 
 
 def _says_concept(x, w: torch.Tensor, b: float) -> np.ndarray:
-    """bool [n]: ``x [n, D] . w + b > 0`` (x an array or tensor), decided as in w's (solver) dtype, without copying x
-    to it: the scores are computed in x's dtype where it is narrower, and the rows whose score
+    """bool [n]: ``x [n, D] . w + b > 0`` (x an array or tensor), decided as in w's (solver)
+    dtype without copying x to it: the scores are computed in x's dtype where it is narrower, and the rows whose score
     lies within the worst-case rounding error of that product (Higham 2002, thm 3.5:
     |error| <= (D + 2) u ||x|| ||w||, u the unit roundoff, doubled for the norms' own rounding)
     of the boundary, or is not finite, are recomputed in w's dtype. CnnexplainError when a row
