@@ -1,4 +1,6 @@
-"""``python -m benchmarks NAME|all [--size small|full] [--out DIR]``."""
+"""``python -m benchmarks NAME|all [--size small|full] [--out DIR]``: each benchmark's table
+and ``DIR/NAME.csv``, then every headline ratio beside its target (:mod:`benchmarks.targets`,
+``DIR/targets.csv``)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 from rich.console import Console
 from rich.table import Table
+
+from benchmarks.targets import targets
 
 
 def available() -> list[str]:
@@ -45,8 +50,21 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("bench-results"))
     args = ap.parse_args(argv)
     console = Console()
-    for name in names if args.name == "all" else [args.name]:
-        run_one(name, args.size, args.out, console)
+    summary = [targets(name, run_one(name, args.size, args.out, console))
+               for name in (names if args.name == "all" else [args.name])]
+    frame = pd.concat(summary, ignore_index=True)
+    table = Table(title=f"targets ({args.size})")
+    for col in frame.columns:
+        table.add_column(str(col))
+    marks = {True: "yes", False: "NO", None: "-"}
+    for _, row in frame.iterrows():
+        met = None if pd.isna(row["met"]) else bool(row["met"])
+        table.add_row(row["benchmark"], row["measure"], f"{row['value']:.4g}", row["target"],
+                      marks[met])
+    console.print(table)
+    path = args.out / "targets.csv"
+    frame.to_csv(path, index=False)
+    console.print(f"wrote {path}")
     return 0
 
 

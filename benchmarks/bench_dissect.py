@@ -8,7 +8,7 @@ Reported in one run, on the same model and images:
 - ``dissect``: :func:`cnnexplain.explain.dissect.run.dissect` end to end (reading, one forward
   pass with maps streamed to a temporary HDF5 file, thresholds, tallies, top images), with the
   ``recompute`` variant (two forward passes, no disk) and a warm-cache run (maps read back);
-  ``dissect / forward`` is the target ratio (>= 0.8: dissection costs little more than the
+  ``dissect / forward`` is the target ratio (>= 0.9: dissection costs little more than the
   forward pass);
 - ``tally``: the tally pass per image, vectorized (:func:`accumulate_tallies`) versus a
   straightforward per-image, per-unit Python loop like NetDissect-Lite's ``tally_job`` (PIL
@@ -16,9 +16,9 @@ Reported in one run, on the same model and images:
   subset of the images and is extrapolated per image (it is the slow part of the reference);
   ``naive / vectorized`` is the speed-up, and ``naive pipeline`` the whole dissection with the
   loop in place of the vectorized tally (forward + loop);
-- ``peak memory``: max RSS of a fresh process dissecting 1x, 2x and 4x the images (target:
-  flat), next to a process that only runs the forward pass of one batch (torch, the model and
-  one batch of activations: the floor).
+- ``peak memory``: peak RSS (``VmHWM``, :func:`benchmarks.memory.peak_rss_mib`) of a fresh
+  process dissecting 1x, 2x and 4x the images (target: flat), next to a process that only runs
+  the forward pass of one batch (torch, the model and one batch of activations: the floor).
 
 Timings are printed, never asserted (shared machine: only same-run ratios mean something).
 """
@@ -38,6 +38,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from benchmarks.memory import ROOT
 from cnnexplain.cache.store import Cache
 from cnnexplain.data.base import make_loader
 from cnnexplain.data.broden import BrodenDataset, export_broden
@@ -55,7 +56,9 @@ LAYER = "layer4"
 PREP = Preprocessing()
 
 _MEMORY_SCRIPT = r"""
-import resource, sys, torch, torchvision
+import sys, torch, torchvision
+sys.path.insert(0, sys.argv[4])
+from benchmarks.memory import peak_rss_mib
 torch.manual_seed(0)
 from cnnexplain.cache.store import Cache
 from cnnexplain.data.broden import BrodenDataset
@@ -71,7 +74,7 @@ else:
     ds = BrodenDataset(root, limit=limit)
     dissect(model, ["layer4"], ds, preprocessing=Preprocessing(),
             config=DissectConfig(batch_size=batch, top_images=8), cache=Cache(enabled=False))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(peak_rss_mib())
 """
 
 
@@ -89,10 +92,24 @@ def _forward_preloaded(body, images: list[torch.Tensor]) -> float:
         return time.perf_counter() - start
 
 
+class ImagesOnly(torch.utils.data.Dataset):
+    """A dataset's images alone (``dataset.item(i, ("image",))``): what a bare forward pass
+    reads, the floor dissection is measured against."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.base.item(i, ("image",))
+
+
 def _forward_reading(body, ds) -> float:
     start = time.perf_counter()
     with torch.no_grad():
-        for batch in make_loader(ds, batch_size=BATCH):
+        for batch in make_loader(ImagesOnly(ds), batch_size=BATCH):
             body(PREP.normalize(batch["image"]))
     return time.perf_counter() - start
 
@@ -164,9 +181,9 @@ def _tally_timings(model, ds, n_naive: int, thresholds: np.ndarray) -> dict:
 
 def _peak_rss_mb(root: Path, limit: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    p = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(root), str(limit), str(BATCH)],
-                       capture_output=True, text=True, env=env, check=True)
-    return int(p.stdout.strip().splitlines()[-1]) / 1024.0
+    p = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(root), str(limit), str(BATCH),
+                        ROOT], capture_output=True, text=True, env=env, check=True)
+    return float(p.stdout.strip().splitlines()[-1])
 
 
 def run(size: str = "small") -> pd.DataFrame:

@@ -5,17 +5,22 @@ gradient methods versus one plain forward + backward pass.
 Targets (reported, never asserted): ours / fastest peer <= 1 for every method a peer offers;
 gradient methods (gradient, input-x-gradient, guided-backprop, deconvnet) <= 1.3 x one
 forward + backward. Repetitions are interleaved (every implementation runs once per round, in
-a fixed order, after one warm-up round) and medians reported; a random-weight resnet18 with
-BatchNorm statistics randomized, ``size="small"`` (a smoke test): 48 px, batch 2, 2 rounds;
-``"full"``: 224 px, batch 4, 5 rounds. The many-evaluation methods use the same settings for
-ours and the peers (full: SmoothGrad 8 samples, integrated gradients 16 steps, occlusion window
-side/4 stride side/8, LIME 64 samples on our SLIC superpixels, whose time is counted for both) and evaluate at most
-``internal_batch_size`` (32) perturbed images per forward pass (captum's ``perturbations_per_eval``
-and ``nt_samples_batch_size`` count per input image, so they get 32 / batch).
+an order shuffled afresh each round from a fixed seed, after one warm-up round) and medians
+reported: with a fixed order the job that ran first after the baseline paid for it (gradient
+measured 2.8x captum where input-x-gradient, the same passes, measured 1.0x). The model is a
+random-weight resnet18 with BatchNorm statistics randomized; ``size="small"`` (a smoke test):
+48 px, batch 2, 2 rounds; ``"full"``: 224 px, batch 4, 5 rounds. The many-evaluation methods
+use the same settings for ours and the peers (full: SmoothGrad 8 samples, integrated
+gradients 16 steps, occlusion window side/4 stride side/8, LIME 64 samples on our SLIC
+superpixels, whose time is counted for both) and evaluate the same number of perturbed images
+per forward pass, our :func:`pass_size` of ``internal_batch_size`` 32 (8 at 224 px on a CPU;
+captum's ``perturbations_per_eval`` and ``nt_samples_batch_size`` count per input image, so
+they get that number / batch; zennit runs one sample of the batch per pass).
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 import warnings
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 
 from cnnexplain.explain.saliency import METHODS, Context, MethodOptions
+from cnnexplain.explain.saliency.base import pass_size
 from cnnexplain.explain.saliency.lrp import make_composite
 from benchmarks.models import resnet18_with_bn_statistics
 
@@ -54,6 +60,7 @@ def _peers(model, x, t, opts: MethodOptions, ctx: Context, side: int) -> dict[st
     onehot = torch.eye(10)[t]
     layer = model.layer4
     win, stride = opts.occlusion_window, opts.occlusion_stride
+    per_pass = pass_size(opts.internal_batch_size, x)  # what ours evaluates per pass
 
     def zennit(composite_fn, seed=onehot, attributor=Gradient, **kw):
         def call():
@@ -96,7 +103,7 @@ def _peers(model, x, t, opts: MethodOptions, ctx: Context, side: int) -> dict[st
             out.append(lime.attribute(x[i:i + 1], target=int(t[i]), baselines=0.0,
                                       feature_mask=seg[None, None].expand(1, 3, side, side),
                                       n_samples=opts.lime_samples,
-                                      perturbations_per_eval=opts.internal_batch_size))
+                                      perturbations_per_eval=per_pass))
         return out
 
     sigma = float(opts.smoothgrad_sigma * (x.max() - x.min()))
@@ -111,14 +118,14 @@ def _peers(model, x, t, opts: MethodOptions, ctx: Context, side: int) -> dict[st
         "integrated-gradients": {
             "captum": lambda: IntegratedGradients(model).attribute(
                 x, target=t, n_steps=opts.ig_steps, method=opts.ig_method,
-                internal_batch_size=opts.internal_batch_size),
+                internal_batch_size=per_pass),
             "zennit (riemann_right, 1 step/pass)": zennit(lambda: None, attributor=ZennitIG,
                                                           n_iter=opts.ig_steps)},
         "smoothgrad": {
             "captum": lambda: NoiseTunnel(Saliency(model)).attribute(
                 x, nt_type="smoothgrad", nt_samples=opts.smoothgrad_samples, stdevs=sigma,
                 target=t, abs=False,
-                nt_samples_batch_size=max(1, opts.internal_batch_size // len(x))),
+                nt_samples_batch_size=max(1, per_pass // len(x))),
             "zennit (1 sample/pass)": zennit(lambda: None, attributor=ZennitSG,
                                              noise_level=opts.smoothgrad_sigma,
                                              n_iter=opts.smoothgrad_samples)},
@@ -136,7 +143,7 @@ def _peers(model, x, t, opts: MethodOptions, ctx: Context, side: int) -> dict[st
         "clrp2": {"zennit (2 passes)": zennit_clrp("clrp2")},
         "occlusion": {"captum": lambda: Occlusion(model).attribute(
             x, target=t, sliding_window_shapes=(3, win, win), strides=(3, stride, stride),
-            baselines=0, perturbations_per_eval=max(1, opts.internal_batch_size // len(x)))},
+            baselines=0, perturbations_per_eval=max(1, per_pass // len(x)))},
         "lime": {"captum": captum_lime},
         "cam": {},
     }
@@ -144,7 +151,8 @@ def _peers(model, x, t, opts: MethodOptions, ctx: Context, side: int) -> dict[st
 
 def run(size: str = "small") -> pd.DataFrame:
     """One row per method: ms per image of ours and of each peer (median over rounds), the
-    fastest peer, ``ours / peer`` and, for gradient methods, ``ours / fwd+bwd``."""
+    fastest peer, ``ours / peer`` with the range of the same ratio taken within each round
+    (its noise), and, for gradient methods, ``ours / fwd+bwd``."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     side, batch, rounds = SIZES[size]
@@ -171,8 +179,9 @@ def run(size: str = "small") -> pd.DataFrame:
         for peer, fn in peers[name].items():
             jobs.append((name, peer, fn))
     times: dict[tuple[str, str], list[float]] = {(m, who): [] for m, who, _ in jobs}
+    order = random.Random(0)
     for r in range(rounds + 1):  # round 0 warms up
-        for method, who, fn in jobs:
+        for method, who, fn in order.sample(jobs, len(jobs)):
             start = time.perf_counter()
             fn()
             elapsed = time.perf_counter() - start
@@ -185,17 +194,22 @@ def run(size: str = "small") -> pd.DataFrame:
         ours = med[(name, "ours")]
         peer_times = {p: med[(name, p)] for p in peers[name]}
         best = min(peer_times, key=peer_times.get) if peer_times else None
+        paired = ([a / b for a, b in zip(times[(name, "ours")], times[(name, best)])]
+                  if best else [float("nan")])  # ours / peer within each round
         rows.append({
             "method": name,
             "ours_ms_per_image": ours,
             "fastest_peer": best or "none",
             "peer_ms_per_image": peer_times[best] if best else float("nan"),
             "ours_over_peer": ours / peer_times[best] if best else float("nan"),
+            "round_ratio_min": min(paired),
+            "round_ratio_max": max(paired),
             "ours_over_fwd_bwd": ours / base if name in GRADIENT_METHODS else float("nan"),
             "all_peers": "; ".join(f"{p} {v:.1f}" for p, v in peer_times.items()),
         })
     rows.append({"method": "forward+backward", "ours_ms_per_image": base, "fastest_peer": "-",
                  "peer_ms_per_image": float("nan"), "ours_over_peer": float("nan"),
+                 "round_ratio_min": float("nan"), "round_ratio_max": float("nan"),
                  "ours_over_fwd_bwd": 1.0, "all_peers": ""})
     frame = pd.DataFrame(rows)
     frame["side_px"] = side

@@ -14,7 +14,6 @@ method alone (timings stay in one process).
 from __future__ import annotations
 
 import multiprocessing as mp
-import resource
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from benchmarks.memory import peak_rss_mib
 from cnnexplain.models.gates import METHODS
 
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -73,19 +73,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _peak_rss_mib() -> float:
-    """This process's own peak resident set size: ``VmHWM`` (Linux; per address space, so not
-    inherited from the parent the way ``ru_maxrss`` is across fork + exec), else ru_maxrss."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 1024.0 if sys.platform != "darwin" else kib / 2 ** 20
-
-
 def _peak_rss_one_epoch(args) -> float:
     """In a fresh process: train one epoch of the variant ``name``; peak RSS in MiB."""
     name, n = args
@@ -93,7 +80,7 @@ def _peak_rss_one_epoch(args) -> float:
     with tempfile.TemporaryDirectory() as d:
         t = _trainer(name, n, "cpu", Path(d))
         t._train_epoch(0, _Null())
-    return _peak_rss_mib()
+    return peak_rss_mib()
 
 
 def run(size: str = "full") -> pd.DataFrame:

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from benchmarks.__main__ import available
+from benchmarks.targets import TARGETS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,3 +22,11 @@ def test_benchmark_runs_at_small_size(name, tmp_path):
     frame = pd.read_csv(tmp_path / f"{name}.csv")
     assert len(frame) > 0
     assert "Traceback" not in p.stderr
+    targets = pd.read_csv(tmp_path / "targets.csv")
+    if name in TARGETS:  # every headline ratio is printed beside its target
+        assert len(targets) > 0 and set(targets["benchmark"]) == {name}
+        assert targets["target"].notna().all()
+
+
+def test_every_benchmark_has_its_targets():
+    assert sorted(TARGETS) == available()

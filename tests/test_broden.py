@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from data_fixtures import TINY_BRODEN, _one_thread, broden_export, copy_tree  # noqa: F401
 
 from cnnexplain.data.broden import (
+    ITEM_FIELDS,
     SAMPLE_DECODE_ROWS,
     BrodenDataset,
     broden_truth,
@@ -191,6 +192,30 @@ def test_categories_split_limit_and_loader(broden_export):
     assert batch["masks"].shape == (5, 2, 16, 16) and batch["image"].shape == (5, 3, 32, 32)
     resized = open_dataset(f"broden:{root}", split="all", preprocessing=Preprocessing(resize=24))
     assert resized[0]["image"].shape == (3, 24, 24) and resized[0]["masks"].shape == (5, 16, 16)
+
+
+def test_an_item_of_some_fields_decodes_only_those(broden_export, monkeypatch):
+    export, root = broden_export
+    ds = BrodenDataset(root)
+    full = ds[3]
+    decoded = {"image": 0, "mask": 0}
+    real_image, real_mask = ds._decode_image, ds._decode_mask
+    monkeypatch.setattr(ds, "_decode_image", lambda *a: decoded.__setitem__(
+        "image", decoded["image"] + 1) or real_image(*a))
+    monkeypatch.setattr(ds, "_decode_mask", lambda *a, **k: decoded.__setitem__(
+        "mask", decoded["mask"] + 1) or real_mask(*a, **k))
+    labels = ds.item(3, ("masks", "image_labels"))
+    assert sorted(labels) == ["image_labels", "masks"] and decoded["image"] == 0
+    assert torch.equal(labels["masks"], full["masks"])
+    assert torch.equal(labels["image_labels"], full["image_labels"])
+    masks_read = decoded["mask"]
+    assert masks_read > 0
+    image = ds.item(3, ("image", "label"))
+    assert decoded == {"image": 1, "mask": masks_read}
+    assert torch.equal(image["image"], full["image"]) and int(image["label"]) == -1
+    assert set(ds.item(3, ITEM_FIELDS)) == set(full)
+    with pytest.raises(KeyError, match="no field 'mask'"):
+        ds.item(3, ("mask",))
 
 
 def test_fingerprint_stable_and_sees_rewrites(broden_export, tmp_path):

@@ -20,7 +20,7 @@ import pytest
 
 from cnnexplain.cache import layout as cache_layout
 from cnnexplain.cache import locks as cache_locks
-from cnnexplain.cache.layout import FORMAT_VERSIONS
+from cnnexplain.cache.layout import FORMAT_VERSIONS, STORAGE
 from cnnexplain.cache.store import Cache
 from cnnexplain.errors import CnnexplainError
 
@@ -101,6 +101,25 @@ def test_key_is_a_digest_of_kind_version_and_every_part(tmp_path, monkeypatch):
         cache.path("gate", "../../etc")
 
 
+def test_entries_written_gzip_compressed_by_earlier_versions_still_load(monkeypatch, tmp_path):
+    """Earlier versions gzip-compressed every dataset; such entries stay valid hits, while new
+    entries are written uncompressed (with their checksums)."""
+    cache = Cache(tmp_path)
+    key = cache.key("features", model="m")
+    acts = np.random.default_rng(0).random((40, 8, 4, 4)).astype(np.float32)
+    with monkeypatch.context() as m:
+        m.setitem(cache_layout.STORAGE, "filters",
+                  {"compression": "gzip", "compression_opts": 1, "shuffle": True})
+        path = cache.save("features", key, {"acts": acts})
+    with h5py.File(path, "r") as f:
+        assert f["acts"].compression == "gzip"
+    np.testing.assert_array_equal(Cache(tmp_path).load("features", key)["acts"], acts)
+    key2 = cache.key("features", model="n")
+    path2 = cache.save("features", key2, {"acts": acts})
+    with h5py.File(path2, "r") as f:
+        assert f["acts"].compression is None and f["acts"].fletcher32
+
+
 def test_default_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("CNNEXPLAIN_CACHE", str(tmp_path / "env"))
     assert Cache().root == tmp_path / "env"
@@ -130,7 +149,8 @@ def test_entries_are_plain_hdf5_with_descriptive_attributes(tmp_path):
         assert json.loads(f.attrs["parts_json"]) == parts
         assert f.attrs["layer"] == "layer4" and json.loads(f.attrs["classes"]) == ["x", "y"]
         ds = f["iou"]
-        assert ds.compression == "gzip" and ds.fletcher32 and ds.chunks is not None
+        assert ds.compression == STORAGE["filters"].get("compression")
+        assert ds.fletcher32 and ds.chunks is not None
         assert ds.attrs["shape"] == "K x C" and ds.attrs["rows"] == 5
         np.testing.assert_array_equal(ds[()], iou)
     entry = cache.load("dissection", key)

@@ -193,6 +193,26 @@ def test_activations_come_from_the_cache_on_a_second_run(lookup, tmp_path):
     np.testing.assert_array_equal(first.layers["probe"].iou, second.layers["probe"].iou)
 
 
+def test_each_pass_decodes_only_what_it_reads(broden_export, tmp_path, monkeypatch):
+    """The forward pass reads every image once and no mask, the tally pass every image's
+    masks once and no image (each used to decode both); planning reads one image more (the
+    probe of the layers' sizes)."""
+    _, root = broden_export
+    ds = BrodenDataset(root)
+    model = LookupModel(ds, known_maps(ds)[0]).eval()
+    per_image_masks = sum(1 for r in ds.rows for c in ds.pixel_categories
+                          for e in r.cells.get(c, ()) if isinstance(e, str))
+    counts = {"image": 0, "mask": 0}
+    real_image, real_mask = ds._decode_image, ds._decode_mask
+    monkeypatch.setattr(ds, "_decode_image", lambda *a: counts.__setitem__(
+        "image", counts["image"] + 1) or real_image(*a))
+    monkeypatch.setattr(ds, "_decode_mask", lambda *a, **k: counts.__setitem__(
+        "mask", counts["mask"] + 1) or real_mask(*a, **k))
+    dissect(model, ["probe"], ds, preprocessing=PREP, config=DissectConfig(quantile=0.1,
+            batch_size=8, top_images=2), cache=Cache(tmp_path / "c"))
+    assert counts == {"image": len(ds) + 1, "mask": per_image_masks}
+
+
 def test_sketch_mode_is_within_its_bound(lookup):
     ds, model, maps, _ = lookup
     q = 0.05

@@ -181,3 +181,31 @@ def test_smoothgrad_refuses_a_non_gradient_base():
     ctx = Context(options=MethodOptions(smoothgrad_base="gradcam"))
     with pytest.raises(UsageError, match="`smoothgrad_base`"):
         METHODS["smoothgrad"].attribute(model, x, t, context=ctx)
+
+
+def test_a_cpu_pass_holds_at_most_eight_224px_images_of_perturbed_copies():
+    """``pass_size``: ``internal_batch_size`` bounds every device; on a CPU a pixel budget of
+    8 images of 224 x 224 also applies (larger passes measured slower per image there), and
+    integrated gradients really runs its path points in passes of that size."""
+    from cnnexplain.explain.saliency.base import CPU_PIXELS_PER_PASS, pass_size
+
+    assert CPU_PIXELS_PER_PASS == 8 * 224 * 224
+    assert pass_size(64, torch.zeros(1, 3, 224, 224)) == 8
+    assert pass_size(64, torch.zeros(1, 3, 112, 112)) == 32
+    assert pass_size(64, torch.zeros(1, 3, 32, 32)) == 64      # the option is the cap
+    assert pass_size(5, torch.zeros(1, 3, 112, 112)) == 5
+    assert pass_size(64, torch.zeros(1, 3, 1024, 1024)) == 1   # never zero
+    assert pass_size(64, torch.zeros(1, 3, 224, 224, device="meta")) == 64  # not a CPU
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3)).eval()
+    sizes = []
+    model[0].register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0, 2])
+    big = METHODS["integrated-gradients"].attribute(
+        model, x, t, context=Context(options=MethodOptions(ig_steps=10, internal_batch_size=64)))
+    assert sizes == [8, 8, 4]
+    one = METHODS["integrated-gradients"].attribute(
+        model, x, t, context=Context(options=MethodOptions(ig_steps=10, internal_batch_size=1)))
+    assert rel_err(big.raw, one.raw) < 1e-5

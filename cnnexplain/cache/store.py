@@ -46,8 +46,9 @@ produced the entry), ``created`` (UTC, ISO 8601), ``complete`` (1 only once full
 string or number are stored as JSON strings; the attribute ``json_attrs`` lists them). Every
 dataset carries ``rows`` (its first dimension) and the writer's ``description``, ``shape``
 (meaning, e.g. ``"N x K x h x w"``) and ``units``. Datasets are chunked along their first
-dimension (about ``CHUNK_BYTES`` per chunk), gzip-compressed with the shuffle filter, and
-fletcher32-checksummed, so a flipped byte is detected when it is read. ``float16=True`` stores
+dimension (about ``CHUNK_BYTES`` per chunk), stored with :data:`~cnnexplain.cache.layout.
+STORAGE`'s filters (uncompressed: writing stays a small fraction of the forward pass it caches)
+and fletcher32-checksummed, so a flipped byte is detected when it is read. ``float16=True`` stores
 floating arrays as float16 (half the disk); the stored dtype is part of the key, and
 :class:`Entry` returns what was stored.
 

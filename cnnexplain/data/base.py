@@ -8,10 +8,13 @@ An item is a dict of tensors with fixed shapes per dataset, so torch's default c
     index   int64 scalar (position in the dataset)
 
 Datasets with ground truth add more keys (the synthetic world: ``mask``, ``box``, ...; Broden:
-``masks``, ``image_labels``, ...): see their modules.
+``masks``, ``image_labels``, ...): see their modules. ``dataset.item(i, fields)`` is item ``i``
+with only some keys, which a dataset may compute without decoding the rest.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -32,6 +35,13 @@ class ImageDataset(Dataset):
 
     def fingerprint(self) -> str:  # pragma: no cover - every subclass defines it
         raise TypeError(f"{type(self).__name__} must define fingerprint()")
+
+    def item(self, i: int, fields: Sequence[str]) -> dict:
+        """Item ``i`` with only ``fields`` (keys of ``self[i]``); a dataset that can skip
+        decoding the other fields (Broden's masks for a forward pass, its image for a tally)
+        overrides it."""
+        full = self[i]
+        return {name: full[name] for name in fields}
 
     def describe(self) -> dict:
         return {"spec": self.spec, "size": len(self), "classes": len(self.class_names),

@@ -44,6 +44,7 @@ from cnnexplain.fingerprint import digest_parts, file_digest, files_digest
 from cnnexplain.io import write_bytes
 
 INDEX_META = ("image", "split", "ih", "iw", "sh", "sw")
+ITEM_FIELDS = ("image", "label", "index", "masks", "image_labels", "has_category")
 INDEX_HEADER = INDEX_META + CATEGORIES
 LABEL_HEADER = ("number", "name", "category", "frequency", "coverage", "syns")
 CATEGORY_HEADER = ("name", "first", "last", "count", "frequency")
@@ -620,26 +621,46 @@ class BrodenDataset(ImageDataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict:
+        return self.item(i, ITEM_FIELDS)
+
+    def item(self, i: int, fields: Sequence[str]) -> dict:
+        """Item ``i`` with only ``fields`` (of :data:`ITEM_FIELDS`): the image is decoded only
+        when asked for, the masks only when ``masks`` is (a dissection's forward pass needs no
+        mask, its tally pass no image)."""
         row = self.rows[int(i)]
-        sh, sw = self.mask_size
-        masks = np.zeros((len(self.layer_categories), sh, sw), np.int32)
+        out = {}
+        for name in fields:
+            if name not in ITEM_FIELDS:
+                raise KeyError(f"a Broden item has no field {name!r} (it has "
+                               f"{', '.join(ITEM_FIELDS)})")
+            out[name] = self._field(name, i, row)
+        return out
+
+    def _field(self, name: str, i: int, row: _Row) -> torch.Tensor:
+        if name == "image":
+            return self._decode_image(row)
+        if name == "label":
+            return torch.tensor(-1, dtype=torch.int64)
+        if name == "index":
+            return torch.tensor(int(i), dtype=torch.int64)
+        if name == "has_category":
+            return torch.tensor([bool(row.cells.get(c)) for c in self.categories],
+                                dtype=torch.bool)
+        if name == "masks":
+            sh, sw = self.mask_size
+            masks = np.zeros((len(self.layer_categories), sh, sw), np.int32)
+            for c in self.pixel_categories:
+                start = self._slot0[c]
+                for k, e in enumerate(row.cells.get(c, ())):
+                    masks[start + k] = self._decode_mask(e, row) if isinstance(e, str) else e
+            return torch.from_numpy(masks)
         image_labels = np.zeros(len(self.image_label_categories), np.int32)
         for c in self.categories:
-            start = self._slot0[c]
-            for k, e in enumerate(row.cells.get(c, ())):
-                if c in self.pixel_categories:
-                    masks[start + k] = self._decode_mask(e, row) if isinstance(e, str) else e
-                else:
+            if c not in self.pixel_categories:
+                start = self._slot0[c]
+                for k, e in enumerate(row.cells.get(c, ())):
                     image_labels[start + k] = e
-        has = [bool(row.cells.get(c)) for c in self.categories]
-        return {
-            "image": self._decode_image(row),
-            "label": torch.tensor(-1, dtype=torch.int64),
-            "index": torch.tensor(int(i), dtype=torch.int64),
-            "masks": torch.from_numpy(masks),
-            "image_labels": torch.from_numpy(image_labels),
-            "has_category": torch.tensor(has, dtype=torch.bool),
-        }
+        return torch.from_numpy(image_labels)
 
     # -- metadata ----------------------------------------------------------------------------
 

@@ -11,8 +11,8 @@ layers (Bau et al. 2017; seed ``001_67e86decce6b6927.txt`` section 7.1.2). The m
    ``no_cache``). A later run with the same model, data and preprocessing reads them back
    without a forward pass. Measured (benchmarks/bench_dissect.py, resnet18 layer4 at 224 px,
    2 CPU threads): storing and reading the maps back costs a fraction of a second forward pass
-   (dissection at 0.7-0.86x the bare forward's images/s, 0.8-0.85x a forward that also reads
-   the images), recomputing costs a whole one (0.38-0.61x), so storing is the default;
+   (dissection at 0.84x the bare forward's images/s, 0.87x a forward that also reads the
+   images; 0.90x at 10,000 images of 1,197 labels, bench_dissect_scale.py), recomputing costs a whole one (0.38-0.61x), so storing is the default;
    ``recompute=True`` runs the forward again instead (no disk, two forward passes; three with
    the sketch), for layers whose maps would fill the disk.
 2. **Thresholds** (pass 1): per unit, the top-``q`` quantile over every image and position at
@@ -224,7 +224,7 @@ def plan_layers(model: nn.Module, layers: Sequence[str], dataset, preprocessing:
     if len(dataset) == 0:
         raise CnnexplainError("the Broden dataset has no images (after `limit`/`categories`)",
                               "check `categories` and `limit`")
-    image = preprocessing.normalize(dataset[0]["image"][None].float())
+    image = preprocessing.normalize(_item(dataset, 0, ("image",))["image"][None].float())
     acts = _probe(model, list(layers), image, device)
     plans = {}
     for layer in layers:
@@ -302,8 +302,25 @@ def shard_range(n: int, batch_size: int, rank: int, world: int) -> tuple[int, in
     return min(n, b0 * batch_size), min(n, b1 * batch_size)
 
 
+FORWARD_FIELDS = ("image", "label")
+"""What the activation pass reads of an item."""
+LABEL_FIELDS = ("masks", "image_labels")
+"""What the tally pass reads of an item (the maps come from the store)."""
+
+
+def _item(dataset, i: int, fields: Sequence[str]) -> dict:
+    """``dataset.item(i, fields)`` where the dataset has it (:class:`ImageDataset`), else the
+    ``fields`` of ``dataset[i]``."""
+    if hasattr(dataset, "item"):
+        return dataset.item(i, fields)
+    full = dataset[i]
+    return {name: full[name] for name in fields}
+
+
 class _Shard(ImageDataset):
-    """Rows ``[start, stop)`` of a dataset, with a fingerprint of its own (cache keys)."""
+    """Rows ``[start, stop)`` of a dataset, with a fingerprint of its own (cache keys); its
+    items hold only :data:`FORWARD_FIELDS` (what the activation pass reads), so no mask is
+    decoded for the forward pass."""
 
     def __init__(self, base, start: int, stop: int):
         self.base, self.start, self.stop = base, int(start), int(stop)
@@ -317,26 +334,29 @@ class _Shard(ImageDataset):
         return self.stop - self.start
 
     def __getitem__(self, i: int) -> dict:
-        return self.base[self.start + int(i)]
+        return self.item(i, FORWARD_FIELDS)
+
+    def item(self, i: int, fields: Sequence[str]) -> dict:
+        return _item(self.base, self.start + int(i), fields)
 
     def fingerprint(self) -> str:
         fp = self.base.fingerprint()
         return fp if self._whole else digest_parts(fp, "rows", self.start, self.stop)
 
 
-class _Labels(torch.utils.data.Dataset):
-    """A dataset's items without the image (the tally pass needs only the labels; the maps
-    come from the store), so batches do not stack images."""
+class _Fields(torch.utils.data.Dataset):
+    """A dataset's items with only ``fields`` (the tally pass needs only the labels, since the
+    maps come from the store, and a recomputing pass adds the image), so no batch decodes or
+    stacks what it does not use."""
 
-    def __init__(self, base):
-        self.base = base
+    def __init__(self, base, fields: Sequence[str]):
+        self.base, self.fields = base, tuple(fields)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int) -> dict:
-        item = self.base[i]
-        return {"masks": item["masks"], "image_labels": item["image_labels"]}
+        return _item(self.base, i, self.fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,8 +466,11 @@ class _Forward:
         self.preprocessing, self.batch_size, self.workers = preprocessing, batch_size, workers
         self.device = device
 
-    def batches(self) -> Iterator[tuple[int, dict, dict[str, torch.Tensor]]]:
-        loader = make_loader(self.dataset, batch_size=self.batch_size, workers=self.workers)
+    def batches(self, fields: Sequence[str] = FORWARD_FIELDS
+                ) -> Iterator[tuple[int, dict, dict[str, torch.Tensor]]]:
+        """``(start row, batch of ``fields``, maps per layer)`` per batch."""
+        loader = make_loader(_Fields(self.dataset, fields), batch_size=self.batch_size,
+                             workers=self.workers)
         was = self.model.training
         self.model.eval()
         try:
@@ -469,10 +492,10 @@ def _tally_batches(source, shard, layers, batch_size, workers, device
                    ) -> Iterator[tuple[dict, dict[str, torch.Tensor]]]:
     """(dataset batch with masks, maps per layer), aligned, for the tally pass."""
     if isinstance(source, _Forward):
-        for _, batch, maps in source.batches():
+        for _, batch, maps in source.batches(FORWARD_FIELDS + LABEL_FIELDS):
             yield batch, maps
         return
-    loader = make_loader(_Labels(shard), batch_size=batch_size, workers=workers)
+    loader = make_loader(_Fields(shard, LABEL_FIELDS), batch_size=batch_size, workers=workers)
     blocks = source.blocks()
     for batch in loader:
         _, maps = next(blocks)

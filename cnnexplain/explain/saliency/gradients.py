@@ -13,7 +13,8 @@ variants), computed for the whole batch with one forward and one backward pass:
   Map: max-abs.
 - ``smoothgrad``: the mean of a base method's raw output over ``n`` noisy copies
   ``x + N(0, sigma^2)``, ``sigma = smoothgrad_sigma * (max x - min x)`` per image (Smilkov et
-  al. 2017; seed 002). Samples are batched (``internal_batch_size`` per pass). Map: the base
+  al. 2017; seed 002). Samples are batched (:func:`~cnnexplain.explain.saliency.base.pass_size`
+  per pass). Map: the base
   method's reduction of the averaged raw.
 - ``integrated-gradients``: ``(x - x0) * sum_k w_k d z_c / d x (x0 + a_k (x - x0))`` with the
   baseline ``x0 = 0`` in model-input space (the normalization mean colour) and captum's
@@ -36,8 +37,8 @@ from cnnexplain.explain.saliency.base import (
     Attribution,
     Context,
     SaliencyMethod,
-    chunks,
     input_gradient,
+    passes,
     register,
 )
 from cnnexplain.explain.saliency.relu_rules import relu_rule
@@ -163,7 +164,7 @@ class IntegratedGradients(PixelGradientMethod):
         diff = x - baseline
         total = torch.zeros_like(x)
         b = x.shape[0]
-        for start, stop in chunks(b * n, opts.internal_batch_size):
+        for start, stop in passes(b * n, opts.internal_batch_size, x):
             flat = torch.arange(start, stop, device=x.device)
             img, step = flat // n, flat % n
             points = baseline[img] + a[step].view(-1, 1, 1, 1) * diff[img]
@@ -211,7 +212,7 @@ class SmoothGrad(PixelGradientMethod):
         sigma = float(opts.smoothgrad_sigma) * (flat_x.amax(1) - flat_x.amin(1))  # [B]
         gens = context.generators(b, self.name)
         total = torch.zeros_like(x)
-        for start, stop in chunks(b * n, opts.internal_batch_size):
+        for start, stop in passes(b * n, opts.internal_batch_size, x):
             img = torch.arange(start, stop) // n
             noise = torch.stack([torch.randn(x.shape[1:], generator=gens[int(i)], dtype=x.dtype)
                                  for i in img]).to(x.device)

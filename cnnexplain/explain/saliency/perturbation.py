@@ -1,7 +1,8 @@
 """Perturbation methods: occlusion (seed 002) and LIME with superpixels (seed 000).
 
 Both evaluate the model on many perturbed copies of each image, batched across images and
-perturbations (``internal_batch_size`` copies per forward pass), and explain the target logit.
+perturbations (:func:`~cnnexplain.explain.saliency.base.pass_size` copies per forward pass),
+and explain the target logit.
 The removed parts are set to 0 in model-input space, i.e. the normalization mean colour (the
 "grey square" of seed 002).
 
@@ -29,8 +30,8 @@ import torch
 from cnnexplain.explain.saliency.base import (
     Attribution,
     SaliencyMethod,
-    chunks,
     logits_of,
+    passes,
     register,
     target_scores,
 )
@@ -79,7 +80,7 @@ class Occlusion(SaliencyMethod):
         with torch.no_grad():
             base = target_scores(logits_of(model, inputs), targets)
             total = torch.zeros(b, h, w, device=inputs.device, dtype=inputs.dtype)
-            for start, stop in chunks(b * p, opts.internal_batch_size):
+            for start, stop in passes(b * p, opts.internal_batch_size, inputs):
                 flat = torch.arange(start, stop, device=inputs.device)
                 img, pos = flat // p, flat % p
                 keep = (~masks[pos]).to(inputs.dtype)[:, None]
@@ -198,7 +199,7 @@ class Lime(SaliencyMethod):
         # pixel keep-masks per sample are built chunk by chunk: [k, H, W]
         scores = torch.zeros(b * n, dtype=torch.float64)
         with torch.no_grad():
-            for start, stop in chunks(b * n, opts.internal_batch_size):
+            for start, stop in passes(b * n, opts.internal_batch_size, inputs):
                 flat = torch.arange(start, stop)
                 img, j = flat // n, flat % n
                 keep = torch.stack([zs[int(i)][int(k)][segs[int(i)]] for i, k in zip(img, j)])
