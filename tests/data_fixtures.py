@@ -184,3 +184,22 @@ def write_stl10(root: Path, n_train: int = 6, n_test: int = 4) -> dict:
 def item_uint8(item: dict) -> np.ndarray:
     """An item's image back to uint8 [3, H, W]."""
     return (item["image"] * 255.0).round().to(torch.uint8).numpy()
+
+
+def count_decodes(ds, monkeypatch) -> dict:
+    """``{"image": n, "mask": n}``: how often a BrodenDataset decodes an image and a mask from
+    now on (its decoders wrapped with ``monkeypatch``)."""
+    counts = {"image": 0, "mask": 0}
+    real_image, real_mask = ds._decode_image, ds._decode_mask
+
+    def image(*args):
+        counts["image"] += 1
+        return real_image(*args)
+
+    def mask(*args, **kwargs):
+        counts["mask"] += 1
+        return real_mask(*args, **kwargs)
+
+    monkeypatch.setattr(ds, "_decode_image", image)
+    monkeypatch.setattr(ds, "_decode_mask", mask)
+    return counts

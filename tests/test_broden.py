@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data_fixtures import TINY_BRODEN, _one_thread, broden_export, copy_tree  # noqa: F401
+from data_fixtures import (TINY_BRODEN, _one_thread, broden_export,  # noqa: F401
+                           copy_tree, count_decodes)
 
 from cnnexplain.data.broden import (
     ITEM_FIELDS,
@@ -198,12 +199,7 @@ def test_an_item_of_some_fields_decodes_only_those(broden_export, monkeypatch):
     export, root = broden_export
     ds = BrodenDataset(root)
     full = ds[3]
-    decoded = {"image": 0, "mask": 0}
-    real_image, real_mask = ds._decode_image, ds._decode_mask
-    monkeypatch.setattr(ds, "_decode_image", lambda *a: decoded.__setitem__(
-        "image", decoded["image"] + 1) or real_image(*a))
-    monkeypatch.setattr(ds, "_decode_mask", lambda *a, **k: decoded.__setitem__(
-        "mask", decoded["mask"] + 1) or real_mask(*a, **k))
+    decoded = count_decodes(ds, monkeypatch)
     labels = ds.item(3, ("masks", "image_labels"))
     assert sorted(labels) == ["image_labels", "masks"] and decoded["image"] == 0
     assert torch.equal(labels["masks"], full["masks"])

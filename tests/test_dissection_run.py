@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_fixtures import _one_thread, broden_export  # noqa: F401  (fixtures)
+from data_fixtures import _one_thread, broden_export, count_decodes  # noqa: F401
 from test_dissection import bilinear_loop
 
 from cnnexplain.cache.store import Cache
@@ -202,12 +202,7 @@ def test_each_pass_decodes_only_what_it_reads(broden_export, tmp_path, monkeypat
     model = LookupModel(ds, known_maps(ds)[0]).eval()
     per_image_masks = sum(1 for r in ds.rows for c in ds.pixel_categories
                           for e in r.cells.get(c, ()) if isinstance(e, str))
-    counts = {"image": 0, "mask": 0}
-    real_image, real_mask = ds._decode_image, ds._decode_mask
-    monkeypatch.setattr(ds, "_decode_image", lambda *a: counts.__setitem__(
-        "image", counts["image"] + 1) or real_image(*a))
-    monkeypatch.setattr(ds, "_decode_mask", lambda *a, **k: counts.__setitem__(
-        "mask", counts["mask"] + 1) or real_mask(*a, **k))
+    counts = count_decodes(ds, monkeypatch)
     dissect(model, ["probe"], ds, preprocessing=PREP, config=DissectConfig(quantile=0.1,
             batch_size=8, top_images=2), cache=Cache(tmp_path / "c"))
     assert counts == {"image": len(ds) + 1, "mask": per_image_masks}
