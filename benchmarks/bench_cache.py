@@ -64,30 +64,41 @@ def _candidates() -> dict[str, tuple[dict, str]]:
     return out
 
 
-def _activations(n: int, side: int) -> tuple[dict[str, np.ndarray], float]:
-    """(layer -> float32 [n, K, h, w], median forward seconds per image over 3 passes)."""
-    model = resnet18_with_bn_statistics()
+def _activations(n: int, side: int, device: str = "cpu"
+                 ) -> tuple[dict[str, np.ndarray], float, float]:
+    """(layer -> float32 [n, K, h, w], median forward seconds per image over 3 passes on
+    ``device`` (batches of 16 on a CPU, 64 on a GPU), seconds per image to copy the maps to
+    host memory (0 on a CPU))."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    batch = 64 if cuda else 16
+    model = resnet18_with_bn_statistics().to(device)
     world = WorldConfig(num_images=n, resolution=side, seed=0)
     x = torch.stack([image_tensor(render(world, i).image) for i in range(n)])
-    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    x = ((x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)).to(device)
     captured: dict[str, torch.Tensor] = {}
     hooks = [getattr(model, name).register_forward_hook(
         lambda m, i, o, name=name: captured.__setitem__(name, o)) for name in LAYERS]
-    times, acts = [], {}
+    times, copies, acts = [], [], {}
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     with torch.no_grad():
         model(x[:2])
         for _ in range(3):
             parts = {name: [] for name in LAYERS}
+            sync()
             start = time.perf_counter()
-            for b in range(0, n, 16):
-                model(x[b:b + 16])
+            for b in range(0, n, batch):
+                model(x[b:b + batch])
                 for name in LAYERS:
                     parts[name].append(captured[name])
+            sync()
             times.append((time.perf_counter() - start) / n)
-            acts = {name: torch.cat(v).numpy() for name, v in parts.items()}
+            start = time.perf_counter()
+            acts = {name: torch.cat(v).cpu().numpy() for name, v in parts.items()}
+            copies.append((time.perf_counter() - start) / n if cuda else 0.0)
     for h in hooks:
         h.remove()
-    return acts, statistics.median(times)
+    return acts, statistics.median(times), statistics.median(copies)
 
 
 def _drop_page_cache(path: Path) -> None:
@@ -169,13 +180,17 @@ def _measure(acts: dict[str, np.ndarray], rounds: int, tmp: Path) -> dict:
                    sizes[name]) for name in names}
 
 
-def run(size: str = "small") -> pd.DataFrame:
+def run(size: str = "small", device: str = "cpu") -> pd.DataFrame:
     """One row per workload and storage, and per workload one for the shipped cache (module
-    docstring); ms per image are medians over rounds, in an order rotated each round."""
+    docstring); ms per image are medians over rounds, in an order rotated each round. On a
+    CUDA ``device`` the forward is the GPU's, measured (``write_over_forward`` then answers
+    "does the writer throttle this GPU?", target <= 1), and ``copy_ms_per_image`` the copy of
+    the maps to host memory that a cached GPU run adds."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     n, side, rounds = SIZES[size]
-    all_acts, forward_s = _activations(n, side)
+    all_acts, forward_s, copy_s = _activations(n, side, device)
+    on_gpu = torch.device(device).type == "cuda"
     cands = _candidates()
     shipped = storage_options()["name"]
     gpu_forward_s = 1.0 / GPU_IMAGES_PER_S
@@ -194,7 +209,8 @@ def run(size: str = "small") -> pd.DataFrame:
                     "read_ms_per_image": 1000 * read_s,
                     "forward_ms_per_image": 1000 * forward_s,
                     "write_over_forward": write_s / forward_s,
-                    "target": "<= 0.10",
+                    "target": "<= 1" if on_gpu else "<= 0.10",
+                    "copy_ms_per_image": 1000 * copy_s,
                     "projected_write_over_gpu_forward": write_s / gpu_forward_s,
                     "readable_by": cands[name][1] if name in cands else "h5py",
                     "raw_mb_per_image": raw_mb,
@@ -202,6 +218,7 @@ def run(size: str = "small") -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     frame["side_px"] = side
     frame["images"] = n
+    frame["device"] = torch.device(device).type
     return frame
 
 

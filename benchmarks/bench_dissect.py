@@ -83,12 +83,20 @@ def _model() -> torch.nn.Module:
     return torchvision.models.resnet18(weights=None).eval()
 
 
-def _forward_preloaded(body, images: list[torch.Tensor]) -> float:
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _forward_preloaded(body, images: list[torch.Tensor], device="cpu") -> float:
+    images = [x.to(device) for x in images]
     with torch.no_grad():
         body(PREP.normalize(images[0][:2]))
+        _sync(device)
         start = time.perf_counter()
         for x in images:
             body(PREP.normalize(x))
+        _sync(device)
         return time.perf_counter() - start
 
 
@@ -106,12 +114,31 @@ class ImagesOnly(torch.utils.data.Dataset):
         return self.base.item(i, ("image",))
 
 
-def _forward_reading(body, ds) -> float:
+def _forward_reading(body, ds, device="cpu") -> float:
     start = time.perf_counter()
     with torch.no_grad():
         for batch in make_loader(ImagesOnly(ds), batch_size=BATCH):
-            body(PREP.normalize(batch["image"]))
+            body(PREP.normalize(batch["image"].to(device)))
+    _sync(device)
     return time.perf_counter() - start
+
+
+def throughput(model, ds, device="cpu") -> dict:
+    """Seconds for ``ds`` on ``device``: the bare forward to :data:`LAYER` on images in memory
+    (``forward``) and read by the DataLoader (``forward_reading``), and :func:`dissect` end to
+    end with maps via a temporary HDF5 file (``dissect``; its result ``result``)."""
+    model = model.to(device)
+    body = split_at(model, LAYER).body
+    images = [b["image"] for b in make_loader(ds, batch_size=BATCH)]
+    out = {"forward": _forward_preloaded(lambda x: body(x)[0], images, device),
+           "forward_reading": _forward_reading(lambda x: body(x)[0], ds, device)}
+    start = time.perf_counter()
+    out["result"] = dissect(model, [LAYER], ds, preprocessing=PREP,
+                            config=DissectConfig(batch_size=BATCH, top_images=8), device=device,
+                            cache=Cache(enabled=False))
+    _sync(device)
+    out["dissect"] = time.perf_counter() - start
+    return out
 
 
 def naive_tally(acts: np.ndarray, thresholds: np.ndarray, masks: np.ndarray,
@@ -198,15 +225,10 @@ def run(size: str = "small") -> pd.DataFrame:
                       root)
         ds = BrodenDataset(root, limit=n)
         model = _model()
-        body = split_at(model, LAYER).body
-        images = [b["image"] for b in make_loader(ds, batch_size=BATCH)]
-        fwd_s = _forward_preloaded(lambda x: body(x)[0], images)
-        fwd_read_s = _forward_reading(lambda x: body(x)[0], ds)
+        timed = throughput(model, ds)
+        fwd_s, fwd_read_s, dis_s, res = (timed["forward"], timed["forward_reading"],
+                                         timed["dissect"], timed["result"])
         cfg = DissectConfig(batch_size=BATCH, top_images=8)
-        start = time.perf_counter()
-        res = dissect(model, [LAYER], ds, preprocessing=PREP, config=cfg,
-                      cache=Cache(enabled=False))
-        dis_s = time.perf_counter() - start
         start = time.perf_counter()
         dissect(model, [LAYER], ds, preprocessing=PREP,
                 config=DissectConfig(batch_size=BATCH, top_images=8, recompute=True))

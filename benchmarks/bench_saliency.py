@@ -57,7 +57,7 @@ def _peers(model, x, t, opts: MethodOptions, ctx: Context, side: int) -> dict[st
 
     from cnnexplain.explain.saliency.perturbation import lime_kernel, slic
 
-    onehot = torch.eye(10)[t]
+    onehot = torch.eye(10, device=x.device)[t]
     layer = model.layer4
     win, stride = opts.occlusion_window, opts.occlusion_stride
     per_pass = pass_size(opts.internal_batch_size, x)  # what ours evaluates per pass
@@ -149,23 +149,35 @@ def _peers(model, x, t, opts: MethodOptions, ctx: Context, side: int) -> dict[st
     }
 
 
-def run(size: str = "small") -> pd.DataFrame:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(size: str = "small", device: str = "cpu", batch: int | None = None,
+        methods: tuple[str, ...] | None = None) -> pd.DataFrame:
     """One row per method: ms per image of ours and of each peer (median over rounds), the
     fastest peer, ``ours / peer`` with the range of the same ratio taken within each round
-    (its noise), and, for gradient methods, ``ours / fwd+bwd``."""
+    (its noise), and, for gradient methods, ``ours / fwd+bwd``; on ``device`` (every side on
+    it; CUDA timings synchronize), ``batch`` images (default: the size's), ``methods`` (default:
+    every method a peer offers, and cam)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
-    side, batch, rounds = SIZES[size]
+    side, default_batch, rounds = SIZES[size]
+    batch = batch or default_batch
+    device = torch.device(device)
     warnings.filterwarnings("ignore")
-    model = _model()
-    x = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0))
-    t = torch.arange(batch) % 10
+    model = _model().to(device)
+    x = torch.randn(batch, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device)
+    t = (torch.arange(batch) % 10).to(device)
     sg, ig, lime = SAMPLES[size]
     opts = MethodOptions(smoothgrad_samples=sg, ig_steps=ig, occlusion_window=side // 4,
                          occlusion_stride=side // 8, lime_samples=lime, lime_segments=25,
                          internal_batch_size=32)
     ctx = Context(options=opts, classifier="fc", backbone="resnet18")
     peers = _peers(model, x, t, opts, ctx, side)
+    if methods is not None:
+        peers = {name: peers[name] for name in methods}
 
     def fwd_bwd():
         xx = x.clone().requires_grad_(True)
@@ -182,8 +194,10 @@ def run(size: str = "small") -> pd.DataFrame:
     order = random.Random(0)
     for r in range(rounds + 1):  # round 0 warms up
         for method, who, fn in order.sample(jobs, len(jobs)):
+            _sync(device)
             start = time.perf_counter()
             fn()
+            _sync(device)
             elapsed = time.perf_counter() - start
             if r > 0:
                 times[(method, who)].append(1000.0 * elapsed / batch)
@@ -214,7 +228,7 @@ def run(size: str = "small") -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     frame["side_px"] = side
     frame["batch"] = batch
-    frame["device"] = "cpu"
+    frame["device"] = device.type
     return frame
 
 

@@ -50,7 +50,7 @@ class _Null:
         pass
 
 
-def _trainer(name: str, n: int, device: str, out: Path):
+def _trainer(name: str, n: int, device: str, out: Path, variants: dict = VARIANTS):
     from cnnexplain.data.datasets import open_dataset
     from cnnexplain.data.preprocessing import Preprocessing
     from cnnexplain.config.train import TrainConfig
@@ -60,11 +60,11 @@ def _trainer(name: str, n: int, device: str, out: Path):
     spec = SPEC.format(n=n)
     train = open_dataset(spec, "train", prep)
     val = open_dataset(spec, "val", prep)
-    method, extra = VARIANTS[name]
+    method, extra = variants[name]
     fields = {"amp": device.startswith("cuda"), "gate_warmup": 0, **extra}
     cfg = TrainConfig(backbone=BACKBONE, method=method, epochs=100, batch_size=64, **fields)
     return Trainer.prepare(cfg, train, val, class_names=train.class_names, preprocessing=prep,
-                           device=device, out=out / f"run{list(VARIANTS).index(name)}",
+                           device=device, out=out / f"run{list(variants).index(name)}",
                            overwrite=True)
 
 
@@ -75,10 +75,10 @@ def _sync(device: str) -> None:
 
 def _peak_rss_one_epoch(args) -> float:
     """In a fresh process: train one epoch of the variant ``name``; peak RSS in MiB."""
-    name, n = args
+    name, n, variants = args
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
-        t = _trainer(name, n, "cpu", Path(d))
+        t = _trainer(name, n, "cpu", Path(d), variants)
         t._train_epoch(0, _Null())
     return peak_rss_mib()
 
@@ -95,12 +95,16 @@ def run(size: str = "full") -> pd.DataFrame:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: dict, device: str) -> pd.DataFrame:
-    names = list(VARIANTS)
+def _run(cfg: dict, device: str, variants: dict = VARIANTS, memory: bool = True
+         ) -> pd.DataFrame:
+    """Rows of :func:`run` for ``variants`` (row name -> (method, TrainConfig fields)) on
+    ``device``; std's row is the ratios' denominator; ``memory``: measure the peak (NaN
+    otherwise)."""
+    names = list(variants)
     times: dict[str, list[float]] = {m: [] for m in names}
     peak: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as d:
-        trainers = {m: _trainer(m, cfg["n"], device, Path(d)) for m in names}
+        trainers = {m: _trainer(m, cfg["n"], device, Path(d), variants) for m in names}
         for m, t in trainers.items():  # untimed warm-up epoch
             t._train_epoch(0, _Null())
         for rep in range(cfg["reps"]):
@@ -116,11 +120,11 @@ def _run(cfg: dict, device: str) -> pd.DataFrame:
                 times[m].append(time.perf_counter() - t0)
                 if device == "cuda":
                     peak[m] = max(peak.get(m, 0.0), torch.cuda.max_memory_allocated() / 2 ** 20)
-    if device == "cpu":
+    if device == "cpu" and memory:
         ctx = mp.get_context("spawn")
         for m in names:
             with ctx.Pool(1) as pool:
-                peak[m] = pool.map(_peak_rss_one_epoch, [(m, cfg["n"])])[0]
+                peak[m] = pool.map(_peak_rss_one_epoch, [(m, cfg["n"], variants)])[0]
     std = sum(times["std"]) / len(times["std"])
     rows = []
     for m in names:
@@ -129,7 +133,7 @@ def _run(cfg: dict, device: str) -> pd.DataFrame:
                      "epochs_timed": len(times[m]), "epoch_s": round(mean, 3),
                      "ratio_to_std": round(mean / std, 3),
                      "min_ratio_to_std": round(min(times[m]) / min(times["std"]), 3),
-                     "peak_mem_mib": round(peak[m], 1),
+                     "peak_mem_mib": round(peak.get(m, float("nan")), 1),
                      "peak_kind": "cuda max_memory_allocated" if device == "cuda" else "process max RSS"})
     return pd.DataFrame(rows)
 

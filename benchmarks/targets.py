@@ -135,6 +135,15 @@ def _visualize(frame):
     ]
 
 
+@_target("gpu")
+def _gpu(frame):
+    """The rows with a target (the frame carries them, per part), or one "not measured" row
+    per part without a device."""
+    return [(f"{r['part']}: {r['measure']}" + (f" ({r['note']})" if r["note"] else ""),
+             float(r["value"]), r["target"] or "-", None if pd.isna(r["met"]) else bool(r["met"]))
+            for _, r in frame.iterrows() if r["target"] or r["measure"] == "not measured"]
+
+
 def targets(name: str, frame: pd.DataFrame) -> pd.DataFrame:
     """The ``(benchmark, measure, value, target, met)`` rows of one benchmark's frame."""
     fn = TARGETS.get(name)
