@@ -359,3 +359,16 @@ def test_missing_root(tmp_path):
         "Broden dataset not found" in exc.value.line()
         and "data synth` in the Broden format" in exc.value.line()
     )
+
+
+def test_a_tcav_subset_of_broden_decodes_no_masks(broden_export, monkeypatch):
+    from cnnexplain.explain.tcav.concepts import SubsetDataset
+
+    _, root = broden_export
+    ds = BrodenDataset(root)
+    full = ds[4]
+    decoded = count_decodes(ds, monkeypatch)
+    item = SubsetDataset(ds, [2, 4], "concept")[1]
+    assert decoded == {"image": 1, "mask": 0}
+    assert torch.equal(item["image"], full["image"]) and int(item["index"]) == 1
+    assert int(item["label"]) == int(full["label"])

@@ -24,7 +24,8 @@ ProgressLike = Callable[..., ContextManager]
 
 class SubsetDataset(ImageDataset):
     """Rows ``indices`` of another dataset, yielding only ``image``, ``label`` and ``index``
-    (position in this subset). Fingerprint: the base's fingerprint and the rows."""
+    (position in this subset; read with ``base.item``, so a Broden base decodes no masks).
+    Fingerprint: the base's fingerprint and the rows."""
 
     def __init__(self, base: ImageDataset, indices: Sequence[int], name: str = ""):
         self.base = base
@@ -39,7 +40,7 @@ class SubsetDataset(ImageDataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> dict:
-        item = self.base[int(self.indices[int(i)])]
+        item = self.base.item(int(self.indices[int(i)]), ("image", "label"))
         return {"image": item["image"], "label": item["label"],
                 "index": torch.tensor(int(i), dtype=torch.int64)}
 
