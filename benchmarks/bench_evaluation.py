@@ -12,7 +12,8 @@ step of 3 x 16 channel elements); maps: the signed input gradient of the label's
 (both sides, full): faithfulness correlation 100 runs of 64 pixels (Quantus: 192 channel
 elements; draws differ), region perturbation 2 px blocks, 100 regions, both orders (Quantus:
 two calls), pixel flipping 144 steps of 16 pixels
-(Quantus: MoRF only, it has no LeRF), ROAD at 10..90% with noise 0 (Quantus's ROAD crashes for
+in both orders (Quantus has no LeRF: its MoRF call on the negated map flips least relevant
+first, the same work; the scores compared are MoRF's), ROAD at 10..90% with noise 0 (Quantus's ROAD crashes for
 3 channels in 0.6.0, so its own loop is timed: its ``noisy_linear_imputation`` then the
 forward pass, per image and percentage, MoRF and LeRF), random logit with the gradient as
 explanation, sparseness, complexity, relevance mass and rank accuracy, pointing game on the
@@ -93,8 +94,9 @@ def _cases(model, x, y, masks, maps, explain, num_classes: int, size: dict):
     batch = 64  # the CLI's chunk: saliency's batch size 16 x 4
     pct = list(range(10, 100, 10))
 
-    def q(metric, **kw):
-        return lambda: np.asarray(metric(model=model, x_batch=xb, y_batch=yb, a_batch=ab,
+    def q(metric, a_batch=None, **kw):
+        a_batch = ab if a_batch is None else a_batch
+        return lambda: np.asarray(metric(model=model, x_batch=xb, y_batch=yb, a_batch=a_batch,
                                          s_batch=sb, channel_first=True, batch_size=n,
                                          device="cpu", **kw), dtype=float)
 
@@ -132,11 +134,13 @@ def _cases(model, x, y, masks, maps, explain, num_classes: int, size: dict):
                                            baseline=0.0, batch_size=batch).aopc_morf,
             lambda: np.stack([q(quantus.RegionPerturbation(order=o, **region, **common))()
                               for o in ("morf", "lerf")])[0].sum(axis=1) / (regions + 1), True),
-        "pixel-flipping (ours: both orders)": (
+        "pixel-flipping (both orders)": (
             lambda: RM.pixel_flipping(prob, x, maps, y, pixels_per_step=flip, baseline=0.0,
                                       batch_size=batch).morf[:, 1:].mean(axis=1),
-            lambda: q(quantus.PixelFlipping(features_in_step=flip * c, perturb_baseline=0.0,
-                                            normalise=False, **common))().mean(axis=1), True),
+            lambda: np.stack([q(quantus.PixelFlipping(features_in_step=flip * c,
+                                                      perturb_baseline=0.0, normalise=False,
+                                                      **common), a_batch=sign * ab)()
+                              for sign in (1.0, -1.0)])[0].mean(axis=1), True),
         "road (both orders, noise 0)": (
             lambda: ROAD.road(model, x, maps, y, percentages=pct, noise=0.0,
                               batch_size=batch).area_morf,
