@@ -115,8 +115,12 @@ def _mis(frame):
 @_target("evaluation")
 def _evaluation(frame):
     total = frame[frame["metric"].str.startswith("default set")]
-    return [_row("default metric set: Quantus time / ours", total["speedup"].iloc[0], ">= 10",
+    rows = [_row("default metric set: Quantus time / ours", total["speedup"].iloc[0], ">= 10",
                  lambda v: v >= 10)]
+    if "quantus_over_floor" in total:  # the most any implementation could gain on this CPU
+        rows.append(("default metric set: Quantus time / its forward passes alone",
+                     float(total["quantus_over_floor"].iloc[0]), "-", None))
+    return rows
 
 
 @_target("data")
