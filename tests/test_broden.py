@@ -210,6 +210,7 @@ def test_an_item_of_some_fields_decodes_only_those(broden_export, monkeypatch):
     assert decoded == {"image": 1, "mask": masks_read}
     assert torch.equal(image["image"], full["image"]) and int(image["label"]) == -1
     assert set(ds.item(3, ITEM_FIELDS)) == set(full)
+    assert list(ds.item(3, "label")) == ["label"]  # one field by name, not its letters
     with pytest.raises(KeyError, match="no field 'mask'"):
         ds.item(3, ("mask",))
 

@@ -41,7 +41,7 @@ class ImageDataset(Dataset):
         decoding the other fields (Broden's masks for a forward pass, its image for a tally)
         overrides it."""
         full = self[i]
-        return {name: full[name] for name in fields}
+        return {name: full[name] for name in ((fields,) if isinstance(fields, str) else fields)}
 
     def describe(self) -> dict:
         return {"spec": self.spec, "size": len(self), "classes": len(self.class_names),

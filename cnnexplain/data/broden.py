@@ -629,7 +629,7 @@ class BrodenDataset(ImageDataset):
         mask, its tally pass no image)."""
         row = self.rows[int(i)]
         out = {}
-        for name in fields:
+        for name in (fields,) if isinstance(fields, str) else fields:
             if name not in ITEM_FIELDS:
                 raise KeyError(f"a Broden item has no field {name!r} (it has "
                                f"{', '.join(ITEM_FIELDS)})")
