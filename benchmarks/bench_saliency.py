@@ -94,10 +94,10 @@ def _peers(model, x, t, opts: MethodOptions, ctx: Context, side: int) -> dict[st
             return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t])
 
     def captum_lime():
-        images = ctx.preprocessing.denormalize(x).clamp(0, 1)
+        images = ctx.preprocessing.denormalize(x).clamp(0, 1).cpu()  # ours segments on the CPU
         out = []
         for i in range(len(x)):
-            seg = slic(images[i], opts.lime_segments)
+            seg = slic(images[i], opts.lime_segments).to(x.device)
             lime = Lime(model, interpretable_model=SkLearnRidge(alpha=1.0),
                         similarity_func=lambda o, p, interp, **kw: lime_kernel(interp, 0.25))
             out.append(lime.attribute(x[i:i + 1], target=int(t[i]), baselines=0.0,
