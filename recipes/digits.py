@@ -1,5 +1,5 @@
 """Write scikit-learn's handwritten digits (1,797 8x8 images, 10 classes) as a 32 px ImageFolder
-with a seeded 80/20 train/val split (1,437 / 360 images): a small real dataset on which the gated
+with a seeded 80/20 train/val split (1,438 / 359 images): a small real dataset on which the gated
 methods are measured beside the synthetic world (README, "Gated training").
 
     python recipes/digits.py OUT        # then: cnnexplain train-gated --dataset imagefolder:OUT
