@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from data_fixtures import (  # noqa: F401  (fixtures)
@@ -452,36 +451,3 @@ def test_inspect_any_dataset(tmp_path, broden_export):
     assert g["concept"] == {"plain": 2} and g["random"] == {"random_0": 2}
     with pytest.raises(CnnexplainError, match="neither a directory nor a dataset spec"):
         inspect_dataset(str(tmp_path / "missing"))
-
-
-def test_a_prefetched_loader_yields_the_same_batches_and_raises_where_reading_fails():
-    import threading
-
-    from cnnexplain.data.base import Prefetched, make_loader
-
-    class Rows(torch.utils.data.Dataset):
-        def __init__(self, fail_at=None):
-            self.fail_at = fail_at
-
-        def __len__(self):
-            return 10
-
-        def __getitem__(self, i):
-            if i == self.fail_at:
-                raise ValueError(f"row {i} is unreadable")
-            return {"x": torch.tensor(i)}
-
-    plain = [b["x"].tolist() for b in make_loader(Rows(), batch_size=3)]
-    loader = make_loader(Rows(), batch_size=3, prefetch=True)
-    assert isinstance(loader, Prefetched) and len(loader) == 4
-    assert [b["x"].tolist() for b in loader] == plain
-    assert not isinstance(make_loader(Rows(), batch_size=3, workers=1, prefetch=True), Prefetched)
-    seen = []
-    with pytest.raises(ValueError, match="row 7 is unreadable"):
-        for b in make_loader(Rows(fail_at=7), batch_size=3, prefetch=True):
-            seen.append(b["x"].tolist())
-    assert seen == plain[:2]  # the batches before the failing one arrive first
-    it = iter(make_loader(Rows(), batch_size=1, prefetch=True))
-    next(it)
-    it.close()  # leaving early stops the reading thread
-    assert not any(t.name == "cnnexplain-prefetch" and t.is_alive() for t in threading.enumerate())

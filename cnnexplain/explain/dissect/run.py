@@ -470,7 +470,7 @@ class _Forward:
                 ) -> Iterator[tuple[int, dict, dict[str, torch.Tensor]]]:
         """``(start row, batch of ``fields``, maps per layer)`` per batch."""
         loader = make_loader(_Fields(self.dataset, fields), batch_size=self.batch_size,
-                             workers=self.workers, prefetch=True)
+                             workers=self.workers)
         was = self.model.training
         self.model.eval()
         try:
@@ -495,8 +495,7 @@ def _tally_batches(source, shard, layers, batch_size, workers, device
         for _, batch, maps in source.batches(FORWARD_FIELDS + LABEL_FIELDS):
             yield batch, maps
         return
-    loader = make_loader(_Fields(shard, LABEL_FIELDS), batch_size=batch_size, workers=workers,
-                         prefetch=True)
+    loader = make_loader(_Fields(shard, LABEL_FIELDS), batch_size=batch_size, workers=workers)
     blocks = source.blocks()
     for batch in loader:
         _, maps = next(blocks)
