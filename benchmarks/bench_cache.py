@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmarks.device import is_cuda, sync
 from benchmarks.models import resnet18_with_bn_statistics
 from cnnexplain.cache import Cache
 from cnnexplain.cache.layout import _block_rows, storage_options
@@ -69,8 +70,7 @@ def _activations(n: int, side: int, device: str = "cpu"
     """(layer -> float32 [n, K, h, w], median forward seconds per image over 3 passes on
     ``device`` (batches of 16 on a CPU, 64 on a GPU), seconds per image to copy the maps to
     host memory (0 on a CPU))."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
+    cuda = is_cuda(device)
     batch = 64 if cuda else 16
     model = resnet18_with_bn_statistics().to(device)
     world = WorldConfig(num_images=n, resolution=side, seed=0)
@@ -80,18 +80,17 @@ def _activations(n: int, side: int, device: str = "cpu"
     hooks = [getattr(model, name).register_forward_hook(
         lambda m, i, o, name=name: captured.__setitem__(name, o)) for name in LAYERS]
     times, copies, acts = [], [], {}
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     with torch.no_grad():
         model(x[:2])
         for _ in range(3):
             parts = {name: [] for name in LAYERS}
-            sync()
+            sync(device)
             start = time.perf_counter()
             for b in range(0, n, batch):
                 model(x[b:b + batch])
                 for name in LAYERS:
                     parts[name].append(captured[name])
-            sync()
+            sync(device)
             times.append((time.perf_counter() - start) / n)
             start = time.perf_counter()
             acts = {name: torch.cat(v).cpu().numpy() for name, v in parts.items()}
@@ -190,7 +189,7 @@ def run(size: str = "small", device: str = "cpu") -> pd.DataFrame:
         raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
     n, side, rounds = SIZES[size]
     all_acts, forward_s, copy_s = _activations(n, side, device)
-    on_gpu = torch.device(device).type == "cuda"
+    on_gpu = is_cuda(device)
     cands = _candidates()
     shipped = storage_options()["name"]
     gpu_forward_s = 1.0 / GPU_IMAGES_PER_S

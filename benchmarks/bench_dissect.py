@@ -38,6 +38,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from benchmarks.device import sync
 from benchmarks.memory import ROOT
 from cnnexplain.cache.store import Cache
 from cnnexplain.data.base import make_loader
@@ -83,20 +84,15 @@ def _model() -> torch.nn.Module:
     return torchvision.models.resnet18(weights=None).eval()
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _forward_preloaded(body, images: list[torch.Tensor], device="cpu") -> float:
     images = [x.to(device) for x in images]
     with torch.no_grad():
         body(PREP.normalize(images[0][:2]))
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for x in images:
             body(PREP.normalize(x))
-        _sync(device)
+        sync(device)
         return time.perf_counter() - start
 
 
@@ -119,7 +115,7 @@ def _forward_reading(body, ds, device="cpu") -> float:
     with torch.no_grad():
         for batch in make_loader(ImagesOnly(ds), batch_size=BATCH):
             body(PREP.normalize(batch["image"].to(device)))
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -136,7 +132,7 @@ def throughput(model, ds, device="cpu") -> dict:
     out["result"] = dissect(model, [LAYER], ds, preprocessing=PREP,
                             config=DissectConfig(batch_size=BATCH, top_images=8), device=device,
                             cache=Cache(enabled=False))
-    _sync(device)
+    sync(device)
     out["dissect"] = time.perf_counter() - start
     return out
 

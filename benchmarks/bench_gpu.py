@@ -32,6 +32,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from benchmarks.device import is_cuda
 from cnnexplain.models.gates import METHODS
 
 ENV = "CNNEXPLAIN_BENCH_DEVICE"
@@ -50,7 +51,6 @@ PRECISIONS = {"std float32": {"amp": False},
               "std float32, contiguous": {"amp": False, "channels_last": False},
               "std amp, contiguous": {"amp": True, "channels_last": False}}
 """std's precision and memory-format variants, against std with amp and channels_last."""
-PARTS = ("train", "dissect", "saliency", "cache")
 COLUMNS = ["part", "measure", "value", "unit", "target", "met", "device", "note"]
 
 
@@ -67,28 +67,29 @@ def _row(part, measure, value, unit, target="", ok=None):
             "met": met}
 
 
-def _train(size: dict, device: str) -> list[dict]:
+def _train(name: str, device: str) -> list[dict]:
     from benchmarks.bench_train import _run
 
+    size = SIZES[name]
     frame = _run(size["train"], device, _train_variants(size), memory=False).set_index("method")
     rows = [_row("train", f"{m}: epoch time / std's (amp, channels_last)",
                  frame.loc[m, "ratio_to_std"], "x", "<= 1.05", lambda v: v <= 1.05)
             for m in size["train_methods"] if m != "std"]
     amp = frame.loc["std", "epoch_s"]
-    for name in size["precisions"]:
-        rows.append(_row("train", f"{name}: epoch time / std amp + channels_last",
-                         frame.loc[name, "epoch_s"] / amp, "x"))
+    for variant in size["precisions"]:
+        rows.append(_row("train", f"{variant}: epoch time / std amp + channels_last",
+                         frame.loc[variant, "epoch_s"] / amp, "x"))
     rows.append(_row("train", "std amp + channels_last: epoch", amp, "s"))
     return rows
 
 
-def _dissect(size: dict, device: str) -> list[dict]:
+def _dissect(name: str, device: str) -> list[dict]:
     from benchmarks.bench_dissect import _model, throughput
     from benchmarks.bench_dissect_scale import (BRODEN_IMAGES, NETDISSECT_LITE_GPU_MINUTES,
                                                 write_scale_broden)
     from cnnexplain.data.broden import BrodenDataset
 
-    n = size["dissect_images"]
+    n = SIZES[name]["dissect_images"]
     with tempfile.TemporaryDirectory(prefix="bench-gpu-dissect-") as tmp:
         root = Path(tmp) / "broden224"
         write_scale_broden(root, n, 224)
@@ -107,20 +108,20 @@ def _dissect(size: dict, device: str) -> list[dict]:
     ]
 
 
-def _saliency(size: dict, device: str) -> list[dict]:
+def _saliency(name: str, device: str) -> list[dict]:
     from benchmarks import bench_saliency
     from benchmarks.targets import TARGETS
 
-    frame = bench_saliency.run("full" if size is SIZES["full"] else "small", device=device,
-                               batch=size["saliency_batch"], methods=size["saliency_methods"])
+    frame = bench_saliency.run(name, device=device, batch=SIZES[name]["saliency_batch"],
+                               methods=SIZES[name]["saliency_methods"])
     return [_row("saliency", measure, value, "x", target, lambda v: v <= 1.0)
             for measure, value, target, _ in TARGETS["saliency"](frame)]
 
 
-def _cache(size: dict, device: str) -> list[dict]:
+def _cache(name: str, device: str) -> list[dict]:
     from benchmarks import bench_cache
 
-    frame = bench_cache.run("full" if size is SIZES["full"] else "small", device=device)
+    frame = bench_cache.run(name, device=device)
     shipped = frame[frame["storage"].str.startswith("cache as shipped")]
     rows = []
     for _, r in shipped.iterrows():
@@ -132,6 +133,8 @@ def _cache(size: dict, device: str) -> list[dict]:
 
 
 RUNNERS = {"train": _train, "dissect": _dissect, "saliency": _saliency, "cache": _cache}
+"""Part -> (size name, device) -> rows; the parts run in this order."""
+PARTS = tuple(RUNNERS)
 
 
 def device_or_reason() -> tuple[str | None, str]:
@@ -153,8 +156,8 @@ def run(size: str = "small") -> pd.DataFrame:
         rows = [{**_row(part, "not measured", float("nan"), ""), "note": reason}
                 for part in PARTS]
     else:
-        rows = [r for part in PARTS for r in RUNNERS[part](SIZES[size], device)]
-        name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else ""
+        rows = [r for part in PARTS for r in RUNNERS[part](size, device)]
+        name = torch.cuda.get_device_name(device) if is_cuda(device) else ""
         for r in rows:
             r["note"] = name
     frame = pd.DataFrame(rows)

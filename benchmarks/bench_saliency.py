@@ -33,6 +33,7 @@ from torch import nn
 from cnnexplain.explain.saliency import METHODS, Context, MethodOptions
 from cnnexplain.explain.saliency.base import pass_size
 from cnnexplain.explain.saliency.lrp import make_composite
+from benchmarks.device import sync
 from benchmarks.models import resnet18_with_bn_statistics
 
 SIZES = {"small": (48, 2, 2), "full": (224, 4, 5)}  # side, batch, rounds
@@ -149,11 +150,6 @@ def _peers(model, x, t, opts: MethodOptions, ctx: Context, side: int) -> dict[st
     }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(size: str = "small", device: str = "cpu", batch: int | None = None,
         methods: tuple[str, ...] | None = None) -> pd.DataFrame:
     """One row per method: ms per image of ours and of each peer (median over rounds), the
@@ -194,10 +190,10 @@ def run(size: str = "small", device: str = "cpu", batch: int | None = None,
     order = random.Random(0)
     for r in range(rounds + 1):  # round 0 warms up
         for method, who, fn in order.sample(jobs, len(jobs)):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             elapsed = time.perf_counter() - start
             if r > 0:
                 times[(method, who)].append(1000.0 * elapsed / batch)

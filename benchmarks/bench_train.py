@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from benchmarks.device import is_cuda, sync
 from benchmarks.memory import peak_rss_mib
 from cnnexplain.models.gates import METHODS
 
@@ -61,16 +62,11 @@ def _trainer(name: str, n: int, device: str, out: Path, variants: dict = VARIANT
     train = open_dataset(spec, "train", prep)
     val = open_dataset(spec, "val", prep)
     method, extra = variants[name]
-    fields = {"amp": device.startswith("cuda"), "gate_warmup": 0, **extra}
+    fields = {"amp": is_cuda(device), "gate_warmup": 0, **extra}
     cfg = TrainConfig(backbone=BACKBONE, method=method, epochs=100, batch_size=64, **fields)
     return Trainer.prepare(cfg, train, val, class_names=train.class_names, preprocessing=prep,
                            device=device, out=out / f"run{list(variants).index(name)}",
                            overwrite=True)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _peak_rss_one_epoch(args) -> float:
@@ -111,15 +107,16 @@ def _run(cfg: dict, device: str, variants: dict = VARIANTS, memory: bool = True
             order = list(names[rep % len(names):]) + list(names[:rep % len(names)])
             for m in order:
                 t = trainers[m]
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                _sync(device)
+                if is_cuda(device):
+                    torch.cuda.reset_peak_memory_stats(device)
+                sync(device)
                 t0 = time.perf_counter()
                 t._train_epoch(rep + 1, _Null())
-                _sync(device)
+                sync(device)
                 times[m].append(time.perf_counter() - t0)
-                if device == "cuda":
-                    peak[m] = max(peak.get(m, 0.0), torch.cuda.max_memory_allocated() / 2 ** 20)
+                if is_cuda(device):
+                    peak[m] = max(peak.get(m, 0.0),
+                                  torch.cuda.max_memory_allocated(device) / 2 ** 20)
     if device == "cpu" and memory:
         ctx = mp.get_context("spawn")
         for m in names:
@@ -134,7 +131,7 @@ def _run(cfg: dict, device: str, variants: dict = VARIANTS, memory: bool = True
                      "ratio_to_std": round(mean / std, 3),
                      "min_ratio_to_std": round(min(times[m]) / min(times["std"]), 3),
                      "peak_mem_mib": round(peak.get(m, float("nan")), 1),
-                     "peak_kind": "cuda max_memory_allocated" if device == "cuda" else "process max RSS"})
+                     "peak_kind": "cuda max_memory_allocated" if is_cuda(device) else "process max RSS"})
     return pd.DataFrame(rows)
 
 
